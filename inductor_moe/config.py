@@ -1,0 +1,18 @@
+"""inductor_moe's knobs, in one place (Inductor's config style).
+
+Read at compile time: change a value, then compile again. Every value enters the graph pass's
+``uuid()``, so the FX graph cache never serves code compiled under other settings. Use
+``inductor_moe.config.patch(enabled=False)`` as a context manager or decorator for a scoped change.
+"""
+
+import sys
+
+from torch.utils._config_module import install_config_module
+
+# Rewrite MoE blocks at all. False gives exactly stock torch.compile at the next compile.
+enabled: bool = True
+
+# Pattern names (the keys of counters["inductor_moe"]) to leave alone, e.g. ["dense_loop_experts"].
+disabled_patterns: list[str] = []
+
+install_config_module(sys.modules[__name__])

@@ -1,0 +1,159 @@
+"""CPU building blocks of the canonical ops: plain torch calls chosen for speed on CPU.
+
+Functional (no in-place updates) and free of data-dependent shapes on the ``_grouped_mm`` path,
+so the same code serves as the eager implementation and as the decomposition Inductor compiles.
+
+Rows of an expert computation are (token, slot) pairs, ``pair = token * k + slot``. ``order`` lists
+the pairs grouped by expert (stable, so deterministic) and ``offsets[e]`` is the end of expert
+``e``'s rows in that order, the layout ``torch._grouped_mm`` takes.
+"""
+
+import torch
+
+from . import activations
+
+_GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 data: the precision of every reduction here."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counting sort of the flat expert ids: (order, int32 offsets). No data-dependent shapes."""
+    counts = ids.new_zeros(num_experts).scatter_add(0, ids, torch.ones_like(ids))
+    # A stable sort of small integer keys is the counting sort's permutation; on CPU it is faster
+    # than materialising the per-expert ranks.
+    order = torch.argsort(ids, stable=True)
+    return order, counts.cumsum(0, dtype=torch.int32)
+
+
+def _grouped_mm_accepts(*tensors: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm's CPU kernel takes these operands (dtype, 16-byte strides)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.dtype not in _GROUPED_MM_DTYPES:
+            return False
+        inner, outer = sorted(t.stride()[-2:])
+        if inner != 1 or (outer * size) % 16 or (t.dim() == 3 and (t.stride(0) * size) % 16):
+            return False
+    return True
+
+
+def _segments(offsets: torch.Tensor):
+    # Only reached for operands _grouped_mm refuses (float64, unaligned strides). CPU tensors:
+    # reading the offsets is a memory read, not a device synchronisation.
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        yield expert, start, end
+        start = end
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``a[rows of e] @ b[e]`` for every expert e: a ``[M, K]`` grouped by offsets, b ``[E, K, N]``."""
+    if _grouped_mm_accepts(a, b):
+        return torch._grouped_mm(a, b, offs=offsets)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    for expert, start, end in _segments(offsets):
+        torch.mm(a[start:end], b[expert], out=out[start:end])
+    return out
+
+
+def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``a[rows of e].T @ grad[rows of e]`` for every expert e: ``[E, K, N]``, zero for empty experts."""
+    a_t = a.t()
+    if _grouped_mm_accepts(a_t, grad):
+        return torch._grouped_mm(a_t, grad, offs=offsets)
+    out = a.new_zeros(offsets.shape[0], a.shape[1], grad.shape[1])
+    for expert, start, end in _segments(offsets):
+        torch.mm(a_t[:, start:end], grad[start:end], out=out[expert])
+    return out
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # index_select is several times faster than advanced indexing on CPU.
+    return x.index_select(0, index)
+
+
+def unpermute_reduce(
+    rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | None, num_tokens: int
+) -> torch.Tensor:
+    """``out[t] = sum_k weights[t, k] * rows[position of pair (t, k)]``, accumulated in float32.
+
+    ``rows`` are in expert order; ``weights`` is ``[T, k]`` or None for an unweighted sum.
+    """
+    inverse = torch.empty_like(order).index_put((order,), torch.arange(order.shape[0], device=order.device))
+    acc = accumulation_dtype(rows.dtype)
+    per_token = gather_rows(rows, inverse).view(num_tokens, -1, rows.shape[-1]).to(acc)
+    if weights is None:
+        return per_token.sum(dim=1)
+    return torch.bmm(weights.to(acc).unsqueeze(1), per_token).squeeze(1)
+
+
+def segment_sum(rows: torch.Tensor, sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per-expert sum of rows (rows sorted by expert): the gradient of a per-expert bias."""
+    acc = accumulation_dtype(rows.dtype)
+    out = rows.new_zeros(num_experts, rows.shape[-1], dtype=acc)
+    return out.index_add(0, sorted_ids, rows.to(acc))
+
+
+def compilable(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether the experts computation can be traced into a compiled graph: every grouped GEMM,
+    forward and backward, is a torch._grouped_mm (bfloat16 only under compile)."""
+    width, inner = w1.shape[-1], w2.shape[1]
+    rows_aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], width, inner))
+    return x.dtype == torch.bfloat16 and rows_aligned and _grouped_mm_accepts(w1, w2)
+
+
+def experts_forward(x, ids, weights, w1, w2, b1, b2, activation: str):
+    """The ``experts`` op's computation: (out, h, order, offsets); see ops/experts.py."""
+    num_tokens, k = ids.shape
+    flat_ids = ids.reshape(-1)
+    order, offsets = sort_by_expert(flat_ids, w1.shape[0])
+    tokens = order // k
+    h = grouped_mm(gather_rows(x, tokens), w1, offsets)
+    if b1 is not None:
+        h = h + gather_rows(b1, flat_ids[order])
+    y = grouped_mm(activations.forward(activation, h), w2, offsets)
+    if b2 is not None:
+        y = y + gather_rows(b2, flat_ids[order])
+    out = unpermute_reduce(y, order, weights, num_tokens).to(x.dtype)
+    return out, h, order, offsets
+
+
+def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, activation: str):
+    """Gradients of ``experts`` for (x, weights, w1, w2, b1, b2); empty for an absent bias."""
+    num_tokens, k = ids.shape
+    num_experts = w1.shape[0]
+    sorted_ids = ids.reshape(-1)[order]
+    acc = accumulation_dtype(x.dtype)
+    scale = weights.reshape(-1)[order].to(acc).unsqueeze(1)
+    grad_rows = gather_rows(grad_out, order // k)
+    a = activations.forward(activation, h)
+
+    # d out / d expert output, unscaled, pulled back through w2: (grad @ w2[e]^T).
+    grad_a = grouped_mm(grad_rows, w2.transpose(1, 2), offsets)
+    # Routing-weight gradient <grad_t, y_pair>, with y = a @ w2[e] + b2[e] never materialised.
+    grad_scale = (grad_a.to(acc) * a.to(acc)).sum(-1)
+    if b2 is not None:
+        grad_scale = grad_scale + (grad_rows.to(acc) * gather_rows(b2, sorted_ids).to(acc)).sum(-1)
+    grad_weights = torch.empty_like(grad_scale).index_put((order,), grad_scale)
+
+    grad_y = (grad_rows * scale).to(x.dtype)
+    grad_w2 = grouped_mm_weight_grad(a, grad_y, offsets)
+    grad_h = activations.backward(activation, h, (grad_a * scale).to(h.dtype))
+    grad_w1 = grouped_mm_weight_grad(gather_rows(x, order // k), grad_h, offsets)
+    grad_x = unpermute_reduce(grouped_mm(grad_h, w1.transpose(1, 2), offsets), order, None, num_tokens)
+
+    def bias_grad(bias, rows):
+        return x.new_empty(0) if bias is None else segment_sum(rows, sorted_ids, num_experts).to(bias.dtype)
+
+    return (
+        grad_x.to(x.dtype),
+        grad_weights.view(num_tokens, k).to(weights.dtype),
+        grad_w1,
+        grad_w2,
+        bias_grad(b1, grad_h),
+        bias_grad(b2, grad_y),
+    )
