@@ -1,0 +1,192 @@
+"""Built-in MoE blocks, written the plain way people write them: one per supported style.
+
+They are the demo's, the tests' and the benchmarks' models; nothing in them knows about
+inductor_moe. Each maps ``[..., hidden]`` to the same shape. ``transformers_block`` builds the
+Hugging Face Mixtral block with a chosen experts implementation (needs ``transformers``).
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    hidden: int = 64
+    intermediate: int = 32
+    num_experts: int = 8
+    top_k: int = 2
+    activation: str = "swiglu"  # swiglu | geglu | gelu | relu
+    bias: bool = False
+    renormalize: bool = True
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+
+_FUNCTIONS = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu}
+
+
+def activate(cfg: MoEConfig, h: torch.Tensor) -> torch.Tensor:
+    """The activation on a fused projection output (gate and up as its two halves when gated)."""
+    act = _FUNCTIONS[cfg.activation]
+    if cfg.gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
+class TopKRouter(nn.Module):
+    """Float32 softmax over the experts, top-k, optional renormalisation (Mixtral, Qwen-MoE)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden, cfg.num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).float().softmax(dim=-1)
+        weights, ids = probs.topk(self.cfg.top_k, dim=-1)
+        if self.cfg.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+
+class ExpertMLP(nn.Module):
+    """One expert as separate linears: down(act(gate(x)) * up(x)), or down(act(up(x)))."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.gated:
+            self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.gated:
+            act = _FUNCTIONS[self.cfg.activation]
+            return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activate(self.cfg, self.up_proj(x)))
+
+
+class SortedGroupedMM(nn.Module):
+    """Sort the (token, slot) pairs by expert, torch._grouped_mm, index_add_ back (torchtitan-like).
+
+    Stacked weights: w1 ``[E, hidden, N]``, w2 ``[E, intermediate, hidden]``.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(cfg)
+        width = 2 * cfg.intermediate if cfg.gated else cfg.intermediate
+        self.w1 = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden, width))
+        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.intermediate, cfg.hidden))
+        self.b1 = nn.Parameter(torch.zeros(cfg.num_experts, width)) if cfg.bias else None
+        self.b2 = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden)) if cfg.bias else None
+        nn.init.normal_(self.w1, std=cfg.hidden**-0.5)
+        nn.init.normal_(self.w2, std=cfg.intermediate**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        tokens = x.reshape(-1, cfg.hidden)
+        weights, ids = self.router(tokens)
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of_row = order // cfg.top_k
+        counts = torch.histc(flat_ids.float(), bins=cfg.num_experts, min=0, max=cfg.num_experts - 1)
+        offsets = counts.cumsum(dim=0).to(torch.int32)
+        h = torch._grouped_mm(tokens[token_of_row], self.w1, offs=offsets)
+        if self.b1 is not None:
+            h = h + self.b1[flat_ids[order]]
+        y = torch._grouped_mm(activate(cfg, h), self.w2, offs=offsets)
+        if self.b2 is not None:
+            y = y + self.b2[flat_ids[order]]
+        y = y * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros(tokens.shape, dtype=y.dtype, device=x.device).index_add_(0, token_of_row, y)
+        return out.to(x.dtype).view_as(x)
+
+
+class DenseLoop(nn.Module):
+    """Every expert runs on every token; a routing weight that is zero off the top-k masks it."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(cfg)
+        self.experts = nn.ModuleList(ExpertMLP(cfg) for _ in range(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, self.cfg.hidden)
+        weights, ids = self.router(tokens)
+        dense = weights.new_zeros(tokens.shape[0], self.cfg.num_experts).scatter(1, ids, weights)
+        out = torch.zeros_like(tokens, dtype=dense.dtype)
+        for e, expert in enumerate(self.experts):
+            out = out + dense[:, e, None] * expert(tokens)
+        return out.to(x.dtype).view_as(x)
+
+
+class MaskedLoop(nn.Module):
+    """The classic loop: ``torch.where`` on each expert's mask, run it, ``index_add_`` back.
+
+    One graph only with ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(cfg)
+        self.experts = nn.ModuleList(ExpertMLP(cfg) for _ in range(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, self.cfg.hidden)
+        weights, ids = self.router(tokens)
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(ids, num_classes=self.cfg.num_experts).permute(2, 1, 0)
+        for e, expert in enumerate(self.experts):
+            slot, token = torch.where(mask[e])
+            y = expert(tokens[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(tokens.dtype))
+        return out.view_as(x)
+
+
+STYLES = {
+    "sorted_grouped_mm": SortedGroupedMM,
+    "dense_loop": DenseLoop,
+    "masked_loop": MaskedLoop,
+}
+
+
+def transformers_block(experts_implementation: str, cfg: MoEConfig) -> nn.Module:
+    """Hugging Face's MixtralSparseMoeBlock with ``grouped_mm``, ``batched_mm`` or ``eager`` experts."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+    )
+    config._experts_implementation = experts_implementation
+    block = MixtralSparseMoeBlock(config)
+    for param in block.parameters():
+        nn.init.normal_(param, std=param.shape[-1] ** -0.5)
+    return block
+
+
+def build(style: str, cfg: MoEConfig) -> nn.Module:
+    """A block by style name: a key of STYLES, or ``transformers_<implementation>``."""
+    if style.startswith("transformers_"):
+        return transformers_block(style.removeprefix("transformers_"), cfg)
+    return STYLES[style](cfg)
+
+
+def expert_flops(cfg: MoEConfig, num_tokens: int) -> int:
+    """Forward FLOPs of the routed experts (the useful work), for throughput numbers."""
+    width = 2 * cfg.intermediate if cfg.gated else cfg.intermediate
+    return 2 * num_tokens * cfg.top_k * cfg.hidden * (width + cfg.intermediate)

@@ -1,0 +1,204 @@
+"""The expert body: two projections around an activation, however a style spells them.
+
+    down(act(gate(v)) * up(v))                        gated, separate gate and up projections
+    down(act(g) * u) with g, u = up(v).chunk(2, -1)   gated, one fused gate_up projection
+    down(act(up(v)))                                  plain MLP
+
+A style passes ``project``, which recognises one projection in its own terms (an ``nn.Linear``
+per expert, ``_grouped_mm`` over stacked weights, ``bmm`` over gathered weights) and says where
+its weight and bias come from. ``match_mlp`` does the rest, so every style accepts the same
+bodies and refuses the same things.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+from torch.fx import Node
+
+from ..ops.activations import ACTIVATIONS, activation_name
+from .fx import NoMatch, call, dtype, expect, getitem_users, is_call, is_last_dim, require, shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """How to assemble a stacked ``[E, in, out]`` weight or ``[E, out]`` bias from graph values.
+
+    ``parts`` are concatenated along ``out``; a part is a node holding all experts (``[E, ...]``)
+    or a tuple of per-expert nodes to stack. ``out_in``: stored as ``[..., out, in]``
+    (``nn.Linear``'s layout), so the op gets a transposed view.
+    """
+
+    parts: tuple
+    out_in: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    input: Node
+    weight: Weight
+    bias: Weight | None
+    nodes: frozenset
+    bias_index: Node | None = None  # per-row expert ids a stacked bias is gathered with
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertMLP:
+    activation: str
+    w1: Weight
+    b1: Weight | None
+    w2: Weight
+    b2: Weight | None
+    input: Node  # the rows the body reads
+    nodes: frozenset  # the body's nodes, input excluded
+    bias_indices: frozenset  # per-row expert ids the style must vouch for
+
+
+Project = Callable[[Node], Projection]
+
+
+def skip_noop_casts(node: Node) -> tuple[Node, set]:
+    """Walk back through ``.to(...)``/``.contiguous()`` that change nothing (HF's ``x.to(w.dtype)``)."""
+    skipped = set()
+    while (c := call(node)) and c.name in ("to", "contiguous") and dtype(c["input"]) == dtype(node):
+        skipped.add(node)
+        node = c["input"]
+    return node, skipped
+
+
+def _elementwise(node: Node) -> tuple[str, Node] | None:
+    """(function, input) for a supported elementwise activation, including ``x * sigmoid(x)``."""
+    c = call(node)
+    if c is None:
+        return None
+    if c.name in ("silu", "relu"):
+        return c.name, c["input"]
+    if c.name == "gelu":
+        return {"none": "gelu", "tanh": "gelu_tanh"}[c["approximate"]], c["input"]
+    if c.name == "mul":
+        for p, q in ((c["input"], c["other"]), (c["other"], c["input"])):
+            if is_call(q, "sigmoid") and call(q)["input"] is p:
+                return "silu", p
+    return None
+
+
+def _describe(node: Node) -> str:
+    c = call(node)
+    return c.name if c else (node.target.__name__ if callable(node.target) else str(node.target))
+
+
+def _split_gate_up(gate: Node, up: Node) -> Node | None:
+    """``h`` if gate, up are ``h.chunk(2, -1)``'s halves in that order."""
+    if not (is_call(gate, "getitem") and is_call(up, "getitem") and gate.args[0] is up.args[0]):
+        return None
+    chunk = call(gate.args[0])
+    if chunk is None or chunk.name != "chunk" or chunk["chunks"] != 2:
+        return None
+    if not is_last_dim(chunk["dim"], len(shape(chunk["input"]))):
+        return None
+    halves = getitem_users(chunk.node)
+    require(halves.get(0) is gate and halves.get(1) is up, "gate is the second half of the fused projection")
+    return chunk["input"]
+
+
+def _concat(a: Weight | None, b: Weight | None) -> Weight | None:
+    if a is None and b is None:
+        return None
+    require(a is not None and b is not None, "only one of the gate and up projections has a bias")
+    require(a.out_in == b.out_in, "gate and up weights are stored in different layouts")
+    return Weight(a.parts + b.parts, a.out_in)
+
+
+_SUPPORTED = ", ".join(sorted(ACTIVATIONS))
+
+
+def _gated_product(a: Node) -> tuple[str, Node, Node, Node] | None:
+    """(function, gate, up, activation node) for ``act(gate) * up``; None if ``a`` is no product."""
+    c = call(a)
+    if c is None or c.name != "mul" or _elementwise(a) is not None:
+        return None
+    for gate_side, up_side in ((c["input"], c["other"]), (c["other"], c["input"])):
+        if (found := _elementwise(gate_side)) is not None:
+            return found[0], found[1], up_side, gate_side
+    raise NoMatch(
+        f"expert activation {_describe(c['input'])} * {_describe(c['other'])} is not supported "
+        f"(supported: {_SUPPORTED})"
+    )
+
+
+def match_mlp(out: Node, project: Project) -> ExpertMLP:
+    """Match ``out`` as an expert body's output; NoMatch says what did not fit."""
+    down = project(out)
+    a, nodes = skip_noop_casts(down.input)
+    nodes.add(a)
+    projections = [down]
+    gated = _gated_product(a)
+    if gated is not None:
+        function, gate, up, act_node = gated
+        nodes |= {act_node, gate, up}
+        if (h := _split_gate_up(gate, up)) is not None:
+            nodes.add(gate.args[0])
+            projections.append(project(h))
+            w1, b1 = projections[-1].weight, projections[-1].bias
+        else:
+            projections += [project(gate), project(up)]
+            g, u = projections[-2:]
+            require(g.input is u.input, "gate and up projections read different rows")
+            w1, b1 = _concat(g.weight, u.weight), _concat(g.bias, u.bias)
+    else:
+        found = _elementwise(a)
+        require(found is not None, f"expert activation {_describe(a)} is not supported (supported: {_SUPPORTED})")
+        function, h = found
+        projections.append(project(h))
+        w1, b1 = projections[-1].weight, projections[-1].bias
+    activation = activation_name(function, gated is not None)
+    require(activation is not None, f"{'gated ' if gated else ''}{function} is not a supported activation")
+    rows = projections[-1].input
+    for p in projections:
+        nodes |= p.nodes
+    nodes.discard(rows)
+    bias_indices = frozenset(p.bias_index for p in projections if p.bias_index is not None)
+    return ExpertMLP(activation, w1, b1, down.weight, down.bias, rows, frozenset(nodes), bias_indices)
+
+
+def linear_projection(node: Node) -> Projection:
+    """One expert's projection: ``F.linear(v, W, b)`` (an ``nn.Linear``) or ``v @ W``."""
+    c = expect(node, "linear", "matmul", what="expert projection")
+    if c.name == "linear":
+        bias = None if c["bias"] is None else Weight((c["bias"],))
+        weight, out_in = c["weight"], True
+    else:
+        bias, weight, out_in = None, c["other"], False
+    require(len(shape(weight)) == 2, f"expert weight {weight} is not a matrix")
+    return Projection(c["input"], Weight((weight,), out_in), bias, frozenset({node}))
+
+
+def expert_index(node: Node, what: str) -> tuple[Node, object]:
+    """The stacked ``[E, ...]`` node behind ``W[expert ids]`` / ``W.index_select(0, ids)``."""
+    c = expect(node, "getitem", "index_select", what=what)
+    if c.name == "getitem":
+        return c["input"], c["index"]
+    require(c["dim"] == 0, f"{what} selects along dim {c['dim']}")
+    return c["input"], c["index"]
+
+
+def biased(node: Node) -> tuple[Node, Weight | None, Node | None, set]:
+    """Split ``y + B[index]`` (also in place) into (y, stacked bias B, index, nodes)."""
+    c = call(node)
+    if c is None or c.name != "add" or c["alpha"] != 1:
+        return node, None, None, set()
+    for y, b in ((c["input"], c["other"]), (c["other"], c["input"])):
+        try:
+            stacked, index = expert_index(b, "bias")
+        except NoMatch:
+            continue
+        if isinstance(index, Node) and len(shape(stacked)) == 2 and len(shape(index)) == 1:
+            return y, Weight((stacked,)), index, {node, b}
+    return node, None, None, set()
+
+
+def with_bias(node: Node) -> Node:
+    """``node + B[index]`` if that is node's only use, else node: where an expert body ends."""
+    users = list(node.users)
+    if len(users) == 1 and biased(users[0])[1] is not None:
+        return users[0]
+    return node

@@ -1,0 +1,193 @@
+"""A normalised view of dynamo's torch-IR nodes, the vocabulary every matcher is written in.
+
+The pre-grad graph is not normalised: ``torch.softmax``, ``F.softmax`` and ``x.softmax`` are three
+targets, in-place ops appear as ``operator.itruediv`` or ``call_method index_add_``, and arguments
+come positionally or by keyword. ``call(node)`` names each operation once and binds its arguments
+by parameter name, so a matcher asks ``c.name == "softmax" and c["dim"] == -1``.
+"""
+
+import inspect
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+
+class NoMatch(Exception):
+    """A candidate is not (or not safely) the pattern; the message says why, for the log."""
+
+
+def require(condition: object, reason: str) -> None:
+    if not condition:
+        raise NoMatch(reason)
+
+
+def _signature(params: str) -> inspect.Signature:
+    namespace: dict = {}
+    exec(f"def f({params}): pass", namespace)
+    return inspect.signature(namespace["f"])
+
+
+# (name, signature, spellings): a spelling is a call_function target or ".method".
+_TABLE = [
+    ("linear", "input, weight, bias=None", F.linear),
+    ("matmul", "input, other", torch.matmul, operator.matmul, ".matmul"),
+    ("bmm", "input, mat2", torch.bmm, ".bmm"),
+    ("grouped_mm", "mat_a, mat_b, offs=None, bias=None, out_dtype=None", torch._grouped_mm),
+    ("softmax", "input, dim=None, _stacklevel=3, dtype=None", F.softmax),
+    ("softmax", "input, dim, dtype=None", torch.softmax, ".softmax"),
+    ("topk", "input, k, dim=-1, largest=True, sorted=True", torch.topk, ".topk"),
+    ("sum", "input, dim=None, keepdim=False, dtype=None", torch.sum, ".sum"),
+    ("div", "input, other, rounding_mode=None", torch.div, ".div", ".div_"),
+    ("div", "input, other", operator.truediv, operator.itruediv, torch.true_divide),
+    ("floordiv", "input, other", operator.floordiv, torch.floor_divide, ".floor_divide"),
+    ("mul", "input, other", operator.mul, operator.imul, torch.mul, ".mul", ".mul_"),
+    ("add", "input, other, alpha=1", operator.add, operator.iadd, torch.add, ".add", ".add_"),
+    ("eq", "input, other", operator.eq, torch.eq, ".eq"),
+    ("getitem", "input, index", operator.getitem),
+    ("setitem", "input, index, value", operator.setitem),
+    ("reshape", "input, *shape", ".reshape", ".view"),
+    ("reshape", "input, shape", torch.reshape),
+    ("view_as", "input, other", ".view_as", ".reshape_as"),
+    ("flatten", "input, start_dim=0, end_dim=-1", torch.flatten, ".flatten"),
+    ("to", "input, *args, **kwargs", ".to", ".type", ".type_as", ".float", ".double", ".half",
+     ".bfloat16", ".int", ".long"),
+    ("contiguous", "input, memory_format=None", ".contiguous"),
+    ("transpose", "input, dim0, dim1", torch.transpose, ".transpose"),
+    ("t", "input", torch.t, ".t"),
+    ("permute", "input, *dims", ".permute"),
+    ("permute", "input, dims", torch.permute),
+    ("unsqueeze", "input, dim", torch.unsqueeze, ".unsqueeze"),
+    ("squeeze", "input, dim=None", torch.squeeze, ".squeeze"),
+    ("chunk", "input, chunks, dim=0", torch.chunk, ".chunk"),
+    ("sort", "input, dim=-1, descending=False, stable=False", torch.sort, ".sort"),
+    ("argsort", "input, dim=-1, descending=False, stable=False", torch.argsort, ".argsort"),
+    ("histc", "input, bins=100, min=0, max=0", torch.histc, ".histc"),
+    ("bincount", "input, weights=None, minlength=0", torch.bincount, ".bincount"),
+    ("cumsum", "input, dim, dtype=None", torch.cumsum, ".cumsum"),
+    ("index_select", "input, dim, index", torch.index_select, ".index_select"),
+    ("index_add", "input, dim, index, source, alpha=1", torch.index_add, ".index_add", ".index_add_"),
+    ("scatter", "input, dim, index, src=None, value=None, reduce=None", torch.scatter, ".scatter", ".scatter_"),
+    ("one_hot", "input, num_classes=-1", F.one_hot),
+    ("where", "condition, input=None, other=None", torch.where),
+    ("repeat_interleave", "input, repeats, dim=None, output_size=None", torch.repeat_interleave,
+     ".repeat_interleave"),
+    ("zeros", "*size, out=None, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False",
+     torch.zeros),
+    ("zeros_like", "input, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False, "
+     "memory_format=None", torch.zeros_like),
+    ("new_zeros", "input, *size, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False",
+     ".new_zeros"),
+    ("empty_like", "input, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False, "
+     "memory_format=None", torch.empty_like),
+    ("arange", "*args, **kwargs", torch.arange),
+    ("silu", "input, inplace=False", F.silu),
+    ("gelu", "input, approximate='none'", F.gelu),
+    ("relu", "input, inplace=False", F.relu),
+    ("relu", "input", torch.relu, ".relu"),
+    ("sigmoid", "input", torch.sigmoid, ".sigmoid"),
+]
+_INPLACE = {operator.itruediv, operator.imul, operator.iadd, operator.setitem}
+
+_FUNCTIONS: dict = {}
+_METHODS: dict = {}
+for _name, _params, *_spellings in _TABLE:
+    for _spelling in _spellings:
+        if isinstance(_spelling, str):
+            _METHODS[_spelling[1:]] = (_name, _signature(_params))
+        else:
+            _FUNCTIONS[_spelling] = (_name, _signature(_params))
+
+
+class Call:
+    """One operation: its canonical ``name``, arguments bound by parameter name, ``inplace``."""
+
+    def __init__(self, node: Node, name: str, signature: inspect.Signature, inplace: bool):
+        self.node = node
+        self.name = name
+        self.inplace = inplace
+        bound = signature.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        self.args = bound.arguments
+
+    def __getitem__(self, parameter: str):
+        return self.args[parameter]
+
+    def __repr__(self) -> str:
+        return f"Call({self.name}, {self.node.format_node()})"
+
+
+def call(node: object) -> Call | None:
+    """The normalised operation of ``node``, or None for anything this table does not know."""
+    if not isinstance(node, Node):
+        return None
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):  # custom ops such as transformers::grouped_mm_fallback
+            target = target.overloadpacket
+        if target == getattr(torch.ops.transformers, "grouped_mm_fallback", None):
+            return Call(node, "grouped_mm", _signature("mat_a, mat_b, offs"), False)
+        if target not in _FUNCTIONS:
+            return None
+        name, signature = _FUNCTIONS[target]
+        inplace = target in _INPLACE
+    elif node.op == "call_method" and node.target in _METHODS:
+        name, signature = _METHODS[node.target]
+        inplace = node.target.endswith("_")
+    else:
+        return None
+    try:
+        return Call(node, name, signature, inplace)
+    except TypeError:  # a spelling this signature does not cover
+        return None
+
+
+def is_call(node: object, *names: str) -> bool:
+    c = call(node)
+    return c is not None and c.name in names
+
+
+def expect(node: object, *names: str, what: str = "") -> Call:
+    """``call(node)`` if it is one of ``names``, else NoMatch naming what was found."""
+    c = call(node)
+    found = c.name if c else getattr(node, "format_node", lambda: repr(node))()
+    require(c is not None and c.name in names, f"{what or 'value'} is {found}, not {' or '.join(names)}")
+    return c
+
+
+def value(node: Node):
+    """The fake tensor (or symbolic value) dynamo recorded for ``node``."""
+    return node.meta.get("example_value")
+
+
+def shape(node: Node) -> tuple:
+    return tuple(value(node).shape)
+
+
+def dtype(node: Node) -> torch.dtype:
+    return value(node).dtype
+
+
+def same_size(a, b) -> bool:
+    """Sizes provably equal (ints or symbolic), without adding a guard."""
+    return statically_known_true(a == b)
+
+
+def same_shape(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def is_last_dim(dim: object, ndim: int) -> bool:
+    return isinstance(dim, int) and dim in (-1, ndim - 1)
+
+
+def getitem_users(node: Node) -> dict[int, Node]:
+    """{index: node} for ``node[i]`` users of a tuple-valued node (topk, sort, where, chunk)."""
+    users = {}
+    for user in node.users:
+        require(is_call(user, "getitem") and isinstance(user.args[1], int), f"{node} is used whole by {user}")
+        require(user.args[1] not in users, f"{node}[{user.args[1]}] is taken twice")
+        users[user.args[1]] = user
+    return users

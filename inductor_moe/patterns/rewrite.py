@@ -1,0 +1,161 @@
+"""Turning a matched block into canonical ops: safety checks, new nodes, removal of the old ones.
+
+The pre-grad graph has mutation and aliasing, so a block is rewritten only when it is closed:
+its intermediates are used by nothing outside it (except cheap routing metadata, which stays),
+whatever it updates in place it also created, and its result is read only after it is complete.
+Every check runs before the graph changes; a refusal leaves the graph exactly as it was.
+"""
+
+import contextlib
+import operator
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx import Graph, Node
+from torch.fx.node import map_arg
+from torch.utils._pytree import tree_leaves
+
+from .dispatch import Block
+from .experts import Weight
+from .fx import NoMatch, call, dtype, is_call, require, value
+from .router import Router
+
+
+class Emitter:
+    """Inserts nodes before ``point``, giving each the fake value dynamo would have recorded."""
+
+    def __init__(self, graph: Graph, point: Node, like: Node):
+        self.graph, self.point = graph, point
+        self.meta = {key: like.meta[key] for key in ("stack_trace", "nn_module_stack") if key in like.meta}
+        self.created: list[Node] = []
+
+    def _add(self, op: str, target, args: tuple, kwargs: dict) -> Node:
+        with self.graph.inserting_before(self.point):
+            node = self.graph.create_node(op, target, args, kwargs)
+        self.created.append(node)
+        node.meta.update(self.meta)
+        fake_args, fake_kwargs = map_arg((args, kwargs), value)
+        # the mode of dynamo's example values, not the TracingContext's (AOT's, in late pre-grad passes)
+        mode = next((v.fake_mode for v in tree_leaves((fake_args, fake_kwargs)) if isinstance(v, FakeTensor)), None)
+        with mode or contextlib.nullcontext():
+            fn = target if op == "call_function" else getattr(type(fake_args[0]), target)
+            node.meta["example_value"] = fn(*fake_args, **fake_kwargs)
+        return node
+
+    def function(self, target, *args, **kwargs) -> Node:
+        return self._add("call_function", target, args, kwargs)
+
+    def method(self, name: str, *args, **kwargs) -> Node:
+        return self._add("call_method", name, args, kwargs)
+
+    def undo(self) -> None:
+        for node in reversed(self.created):
+            self.graph.erase_node(node)
+
+
+def _position(graph: Graph) -> dict:
+    return {node: i for i, node in enumerate(graph.nodes)}
+
+
+def _check_closed(nodes: set, outputs: set, shareable: set) -> None:
+    for node in nodes - outputs - shareable:
+        for user in node.users:
+            if user not in nodes:
+                raise NoMatch(f"{node} is also used outside the block, by {user}: rewriting would compute it twice")
+    for node in nodes:
+        c = call(node)
+        if c is not None and c.inplace:
+            require(node.args[0] in nodes, f"{node} updates {node.args[0]} in place, which the block did not create")
+
+
+def _insertion_point(nodes: set, outputs: tuple, inputs: list, position: dict) -> Node | None:
+    """The first node outside the block that reads a result; every input must come before it."""
+    readers = [user for out in outputs for user in out.users if user not in nodes]
+    if not readers:
+        return None
+    point = min(readers, key=position.__getitem__)
+    last_write = max((n for n in nodes if (c := call(n)) is not None and c.inplace), key=position.__getitem__, default=None)
+    require(last_write is None or position[last_write] < position[point], f"{point} reads the block's result before it is complete")
+    for node in inputs:
+        require(position[node] < position[point], f"{node} is computed only after the block's result is first read")
+    return point
+
+
+def _replace(graph: Graph, nodes: set, replacements: dict) -> None:
+    for old, new in replacements.items():
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in nodes and user is not new)
+    for node in reversed(list(graph.nodes)):  # reverse order: users go before what they use
+        if node in nodes and not node.users:
+            graph.erase_node(node)
+
+
+def _weight_nodes(weight: Weight | None) -> list:
+    if weight is None:
+        return []
+    return [n for part in weight.parts for n in (part if isinstance(part, tuple) else (part,))]
+
+
+def _assemble(emit: Emitter, weight: Weight | None) -> Node | None:
+    """The stacked ``[E, in, out]`` (or ``[E, out]``) value a Weight describes."""
+    if weight is None:
+        return None
+    parts = [emit.function(torch.stack, list(p)) if isinstance(p, tuple) else p for p in weight.parts]
+    node = parts[0] if len(parts) == 1 else emit.function(torch.cat, parts, dim=1 if weight.out_in else -1)
+    return emit.method("transpose", node, 1, 2) if weight.out_in else node
+
+
+def _absorb_final_cast(block: Block) -> None:
+    """Take a trailing cast back to the tokens' dtype into the block: the op returns that dtype."""
+    users = list(block.result.users)
+    if block.accumulators or len(users) != 1 or not is_call(users[0], "to") or dtype(users[0]) != dtype(block.x):
+        return
+    block.nodes.add(users[0])
+    block.result = users[0]
+
+
+def rewrite_experts(graph: Graph, block: Block) -> bool:
+    """Replace the block by ``inductor_moe::experts``; False if nothing reads its result."""
+    _absorb_final_cast(block)
+    outputs = (block.result, *block.accumulators)
+    mlp = block.mlp
+    _check_closed(block.nodes, set(outputs), block.shareable)
+    inputs = [block.x, block.ids, block.weights, *(n for w in (mlp.w1, mlp.b1, mlp.w2, mlp.b2) for n in _weight_nodes(w))]
+    point = _insertion_point(block.nodes, outputs, inputs, _position(graph))
+    if point is None:
+        return False
+    emit = Emitter(graph, point, block.result)
+    try:
+        op = emit.function(
+            torch.ops.inductor_moe.experts.default,
+            block.x, block.ids, block.weights,
+            _assemble(emit, mlp.w1), _assemble(emit, mlp.w2), _assemble(emit, mlp.b1), _assemble(emit, mlp.b2),
+            mlp.activation,
+        )
+        out = emit.function(operator.getitem, op, 0)
+        if dtype(out) != dtype(block.result):
+            out = emit.method("to", out, dtype(block.result))
+    except Exception:
+        emit.undo()
+        raise
+    _replace(graph, block.nodes, {old: out for old in outputs})
+    return True
+
+
+def rewrite_router(graph: Graph, router: Router) -> bool:
+    """Replace softmax -> top-k (-> renormalise) by ``inductor_moe::route``."""
+    outputs = tuple(n for n in (router.weights, router.ids) if n is not None)
+    _check_closed(router.nodes, set(outputs), router.shareable)
+    point = _insertion_point(router.nodes, outputs, [router.logits], _position(graph))
+    if point is None:
+        return False
+    emit = Emitter(graph, point, router.ids)
+    try:
+        route = emit.function(torch.ops.inductor_moe.route.default, router.logits, router.k, router.renormalize)
+        replacements = {router.ids: emit.method("to", emit.function(operator.getitem, route, 1), torch.int64)}
+        if router.weights is not None:
+            replacements[router.weights] = emit.function(operator.getitem, route, 0)
+    except Exception:
+        emit.undo()
+        raise
+    _replace(graph, router.nodes, replacements)
+    return True
