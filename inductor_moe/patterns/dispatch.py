@@ -478,7 +478,7 @@ def masked_loop(anchor: Node) -> Block | None:
     if not combine.is_fresh_zeros(anchor):
         return None
     adds = [u for u in anchor.users if is_call(u, "index_add")]
-    if not adds or not _is_where_output(call(adds[0])["index"]):
+    if not adds or not _derives_from_where(call(adds[0])["index"]):
         return None  # an accumulation, but not of rows picked per expert
     x = ids_node = weights_node = num_experts = None
     experts, nodes = {}, {anchor}
@@ -521,9 +521,16 @@ def _is_where_output(node: object) -> bool:
     return is_call(node, "getitem") and is_call(node.args[0], "where")
 
 
+def _derives_from_where(node: object, depth: int = 3) -> bool:
+    """Whether a torch.where result is among node's nearest producers (a sliced one, say)."""
+    if not isinstance(node, Node) or depth < 0:
+        return False
+    return is_call(node, "where") or any(_derives_from_where(n, depth - 1) for n in node.all_input_nodes)
+
+
 def _token_slot(token: Node) -> tuple[Node, int, int | None, Node, Node, set]:
     """(ids, e, E, token index, slot index, nodes) behind ``token, slot = where(mask of e)``."""
-    require(_is_where_output(token), f"rows are added at {token}, not at a torch.where result")
+    require(_is_where_output(token), f"rows are added at {token}, not at a whole torch.where result: tokens may be dropped")
     where = call(token.args[0])
     require(where["input"] is None and where["other"] is None, f"{where.node} is the three-argument where")
     ids, e, num_experts, labels, mask_nodes = _expert_mask(where["condition"])

@@ -82,11 +82,20 @@ def _insertion_point(nodes: set, outputs: tuple, inputs: list, position: dict) -
 
 
 def _replace(graph: Graph, nodes: set, replacements: dict) -> None:
+    """Redirect readers of the old results, then erase the block and whatever only it used."""
     for old, new in replacements.items():
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in nodes and user is not new)
+    doomed = set(nodes)
     for node in reversed(list(graph.nodes)):  # reverse order: users go before what they use
-        if node in nodes and not node.users:
+        if node in doomed and not node.users:
+            doomed |= {n for n in node.all_input_nodes if _pure(n)}
             graph.erase_node(node)
+
+
+def _pure(node: Node) -> bool:
+    """Safe to drop once unused: no side effect, no in-place update (FX deems methods pure)."""
+    in_place = node.op == "call_method" and node.target.endswith("_") or getattr(call(node), "inplace", False)
+    return not node.is_impure() and not in_place
 
 
 def _weight_nodes(weight: Weight | None) -> list:
@@ -107,8 +116,10 @@ def _assemble(emit: Emitter, weight: Weight | None) -> Node | None:
 def _absorb_final_cast(block: Block) -> None:
     """Take a trailing cast back to the tokens' dtype into the block: the op returns that dtype."""
     users = list(block.result.users)
-    if block.accumulators or len(users) != 1 or not is_call(users[0], "to") or dtype(users[0]) != dtype(block.x):
+    if len(users) != 1 or not is_call(users[0], "to") or dtype(users[0]) != dtype(block.x):
         return
+    if any(user not in block.nodes for acc in block.accumulators for user in acc.users):
+        return  # the accumulator is also read: it must keep the uncast result
     block.nodes.add(users[0])
     block.result = users[0]
 

@@ -1,0 +1,83 @@
+"""Shared test helpers: graph capture for expecttest, reference comparisons with dtype tolerances."""
+
+import copy
+import re
+
+import torch
+from torch._dynamo.utils import counters
+
+from inductor_moe.patterns.graph_pass import rewrite_moe
+
+# Error allowed against a reference, by dtype: relative in the 2-norm, plus an absolute floor per
+# element (RMS) for values that are zero up to rounding, such as a router gradient with k = 1.
+TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-4)}
+
+
+def rewritten_code(model, *inputs, dynamic: bool = True) -> str:
+    """The dynamo graph of ``model`` after inductor_moe's rewrite, compacted for expecttest."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        rewrite_moe(gm.graph)
+        gm.recompile()
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture, dynamic=dynamic)(*inputs)
+    assert len(graphs) == 1, f"expected one graph, dynamo made {len(graphs)}"
+    lines = [line for line in graphs[0].code.splitlines() if line.strip() and not line.strip().startswith("#")]
+    code = "\n".join(lines[1:])  # the signature is long and says nothing new
+    code = re.sub(r";  [^\n]*= None", "", code)  # dynamo's "x = None" frees
+    code = re.sub(r"\bl_self_", "", code).replace("modules_", "").replace("parameters_", "")
+    return code + "\n"
+
+
+def rewrites() -> dict:
+    return dict(counters["inductor_moe"])
+
+
+def _bound(expected: torch.Tensor, dtype: torch.dtype) -> float:
+    relative, floor = TOLERANCE[dtype]
+    return relative * expected.double().norm().item() + floor * expected.numel() ** 0.5
+
+
+def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).norm().item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "", bound=None) -> None:
+    """Within the dtype's tolerance of ``expected`` (or within ``bound``, if larger)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    error, bound = _error(actual, expected), max(_bound(expected, dtype), bound or 0.0)
+    assert error <= bound, f"{what}: error {error:.3g} > {bound:.3g} (norm {expected.norm():.3g}, {dtype})"
+
+
+def forward_and_grads(model, x: torch.Tensor, grad: torch.Tensor):
+    """Output and gradients for x and every parameter, with a given output gradient."""
+    x = x.detach().requires_grad_()
+    out = model(x)
+    return [out, *torch.autograd.grad(out, [x, *model.parameters()], grad, allow_unused=True)]
+
+
+def assert_matches_eager(model, compiled, x: torch.Tensor) -> None:
+    """Compiled forward and every gradient match eager within the dtype's tolerance.
+
+    Below float32 both are held against a float32 run of the same model: the compiled error may
+    be 4x eager's own, since ill-conditioned values (a router gradient through the
+    renormalisation, say) carry a large low-precision error in eager too.
+    """
+    grad = torch.randn(x.shape, dtype=x.dtype)
+    names = ["output", "grad of x", *(f"grad of {name}" for name, _ in model.named_parameters())]
+    eager = forward_and_grads(model, x, grad)
+    actual = forward_and_grads(compiled, x, grad)
+    if x.dtype == torch.float32:
+        reference, bounds = eager, [None] * len(eager)
+    else:
+        reference = forward_and_grads(copy.deepcopy(model).float(), x.float(), grad.float())
+        bounds = [None if e is None else 4 * _error(e, r) for e, r in zip(eager, reference)]
+    for name, a, r, bound in zip(names, actual, reference, bounds):
+        assert (a is None) == (r is None), f"{name}: compiled {a is None}, eager {r is None}"
+        if r is not None:
+            assert_close(a, r, x.dtype, name, bound)

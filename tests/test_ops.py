@@ -1,0 +1,179 @@
+"""The canonical ops in eager: against float64 references, gradients, clear errors for bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+
+from inductor_moe.ops import activations, cpu
+
+experts_op = torch.ops.inductor_moe.experts
+route_op = torch.ops.inductor_moe.route
+
+
+def reference_experts(x, ids, weights, w1, w2, b1, b2, activation):
+    """out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), one pair at a time in float64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            h = x[t].double() @ w1[e].double() + (0 if b1 is None else b1[e].double())
+            y = activations.forward(activation, h) @ w2[e].double() + (0 if b2 is None else b2[e].double())
+            out[t] += weights[t, j].double() * y
+    return out
+
+
+def make_experts(tokens, hidden, inner, num_experts, k, activation, dtype, bias=True, out_in=True):
+    """Random inputs of the experts op; ``out_in`` stores w1/w2 as [E, out, in] and passes views."""
+    width = 2 * inner if activations.is_gated(activation) else inner
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(tokens)]).reshape(tokens, k)
+    weights = torch.rand(tokens, k, dtype=torch.float32)
+
+    def weight(fan_in, fan_out):
+        if out_in:
+            return (torch.randn(num_experts, fan_out, fan_in, dtype=dtype) * fan_in**-0.5).transpose(1, 2)
+        return torch.randn(num_experts, fan_in, fan_out, dtype=dtype) * fan_in**-0.5
+
+    w1, w2 = weight(hidden, width), weight(inner, hidden)
+    b1 = torch.randn(num_experts, width, dtype=dtype) if bias else None
+    b2 = torch.randn(num_experts, hidden, dtype=dtype) if bias else None
+    return x, ids, weights, w1, w2, b1, b2
+
+
+SHAPES = [  # tokens, hidden, inner, experts, k: one token, k=1, odd sizes, experts that get no token
+    (1, 16, 8, 4, 1),
+    (7, 24, 8, 16, 2),
+    (33, 36, 20, 6, 3),
+    (64, 32, 16, 64, 8),
+]
+
+
+@pytest.mark.parametrize("activation", sorted(activations.ACTIVATIONS))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_experts_forward_matches_float64_reference(activation, shape):
+    args = make_experts(*shape, activation, torch.float32, bias=shape[0] % 2 == 1, out_in=shape[1] % 3 == 0)
+    out, h, order, offsets = experts_op(*args, activation)
+    assert_close(out, reference_experts(*args, activation), torch.float32, "out")
+    counts = torch.bincount(args[1].reshape(-1), minlength=shape[3])
+    assert torch.equal(offsets, counts.cumsum(0).int())
+    assert torch.equal(args[1].reshape(-1)[order].sort().values, args[1].reshape(-1)[order])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_low_precision_matches_float64_reference(dtype):
+    args = make_experts(48, 64, 32, 8, 2, "swiglu", dtype)
+    out = experts_op(*args, "swiglu")[0]
+    assert out.dtype == dtype
+    assert_close(out, reference_experts(*args, "swiglu"), torch.bfloat16, "out")
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_experts_gradcheck(activation, bias):
+    x, ids, weights, w1, w2, b1, b2 = make_experts(5, 6, 4, 3, 2, activation, torch.float64, bias=bias)
+    inputs = [t.detach().requires_grad_() for t in (x, weights.double(), w1, w2) + ((b1, b2) if bias else ())]
+
+    def f(x, weights, w1, w2, b1=None, b2=None):
+        return experts_op(x, ids, weights, w1, w2, b1, b2, activation)[0]
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_experts_bfloat16_gradients_match_float64():
+    x, ids, weights, w1, w2, b1, b2 = make_experts(40, 32, 16, 8, 2, "swiglu", torch.bfloat16)
+    grad = torch.randn(x.shape, dtype=torch.bfloat16)
+    leaves = [x, weights, w1, w2, b1, b2]
+
+    def grads(cast):
+        inputs = [cast(t).detach().requires_grad_() for t in leaves]
+        out = experts_op(inputs[0], ids, *inputs[1:], "swiglu")[0]
+        return torch.autograd.grad(out, inputs, cast(grad))
+
+    for name, actual, expected in zip("x weights w1 w2 b1 b2".split(), grads(lambda t: t), grads(torch.Tensor.double)):
+        assert_close(actual, expected, torch.bfloat16, f"grad of {name}")
+
+
+def test_expert_without_tokens_gets_zero_gradient():
+    x, ids, weights, w1, w2, b1, b2 = make_experts(6, 16, 8, 5, 1, "swiglu", torch.float32)
+    ids = torch.where(ids == 3, 0, ids)  # nobody routes to expert 3
+    w1, w2, b1 = (t.detach().requires_grad_() for t in (w1, w2, b1))
+    experts_op(x, ids, weights, w1, w2, b1, b2, "swiglu")[0].sum().backward()
+    assert w1.grad[3].abs().max() == 0 and w2.grad[3].abs().max() == 0 and b1.grad[3].abs().max() == 0
+    assert w1.grad[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_grouped_mm_paths_agree_with_per_expert_matmul(aligned):
+    k = 32 if aligned else 30  # 30 bf16 values per row is not 16-byte aligned: the per-expert loop
+    a = torch.randn(37, k, dtype=torch.bfloat16)
+    b = torch.randn(4, k, 24, dtype=torch.bfloat16)
+    offsets = torch.tensor([5, 5, 20, 37], dtype=torch.int32)
+    assert cpu._grouped_mm_accepts(a, b) == aligned
+    out = cpu.grouped_mm(a, b, offsets)
+    grad = cpu.grouped_mm_weight_grad(a, out, offsets)
+    starts = [0, 5, 5, 20]
+    for e, (s, t) in enumerate(zip(starts, offsets.tolist())):
+        if t > s:
+            assert_close(out[s:t], a[s:t].double() @ b[e].double(), torch.bfloat16, f"rows of expert {e}")
+        expected = a[s:t].double().t() @ out[s:t].double()
+        assert torch.allclose(grad[e].double(), expected, rtol=2e-2, atol=1e-1), f"weight grad of expert {e}"
+
+
+def reference_route(logits, k, renormalize):
+    probs = F.softmax(logits.float(), dim=-1)
+    weights, ids = probs.topk(k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_matches_eager_router(renormalize, dtype):
+    logits = torch.randn(37, 12, dtype=dtype, requires_grad=True)
+    weights, ids = route_op(logits, 3, renormalize)
+    expected_weights, expected_ids = reference_route(logits, 3, renormalize)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids.long(), expected_ids) and torch.equal(weights, expected_weights)
+    grad = torch.randn_like(weights)
+    (actual,) = torch.autograd.grad(weights, logits, grad)
+    (expected,) = torch.autograd.grad(expected_weights, logits, grad)
+    assert_close(actual, expected, dtype, "grad of logits")
+
+
+BAD_EXPERTS_CALLS = [
+    ("x, weights and biases must share a dtype", dict(w1=lambda a: a.double())),
+    ("ids must be int32 or int64", dict(ids=lambda a: a.float())),
+    ("ids and weights must both be", dict(weights=lambda a: a[:, :1])),
+    ("w2 must be", dict(w2=lambda a: a[:, :, :8])),
+    ("experts per token but only", dict(ids=lambda a: a.repeat(1, 3), weights=lambda a: a.repeat(1, 3))),
+    ("b1 must be", dict(b1=lambda a: a[:, :3])),
+    ("tensors on several devices", dict(weights=lambda a: a.to("meta"))),
+]
+
+
+@pytest.mark.parametrize("message, change", BAD_EXPERTS_CALLS, ids=[m for m, _ in BAD_EXPERTS_CALLS])
+def test_experts_rejects_bad_input(message, change):
+    names = ["x", "ids", "weights", "w1", "w2", "b1", "b2"]
+    args = dict(zip(names, make_experts(6, 16, 8, 2, 2, "swiglu", torch.float32)))
+    args.update({name: fn(args[name]) for name, fn in change.items()})
+    with pytest.raises(RuntimeError, match=message):
+        experts_op(*args.values(), "swiglu")
+
+
+def test_experts_rejects_unknown_activation_and_ids_out_of_range():
+    args = make_experts(6, 16, 8, 4, 2, "swiglu", torch.float32)
+    with pytest.raises(ValueError, match="unknown activation 'mish'"):
+        experts_op(*args, "mish")
+    ids = args[1].clone()
+    ids[2, 1] = 4
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
+        experts_op(args[0], ids, *args[2:], "swiglu")
+
+
+def test_route_rejects_bad_k_and_integer_logits():
+    with pytest.raises(RuntimeError, match=r"k = 9 must lie in \[1, E = 8\]"):
+        route_op(torch.randn(4, 8), 9, True)
+    with pytest.raises(RuntimeError, match="logits must be a floating"):
+        route_op(torch.ones(4, 8, dtype=torch.int64), 2, True)

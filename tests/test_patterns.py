@@ -1,0 +1,348 @@
+"""Graph rewrites: every supported style becomes the canonical ops (expecttest on the rewritten
+graph), and near misses stay exactly as they were, with the reason logged.
+
+Update the expected graphs with ``EXPECTTEST_ACCEPT=1 pytest tests/test_patterns.py``.
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from expecttest import TestCase
+from helpers import rewrites, rewritten_code
+from torch import nn
+
+from inductor_moe import models
+from inductor_moe.patterns.graph_pass import rewrite_moe
+
+SMALL = models.MoEConfig(hidden=16, intermediate=8, num_experts=3, top_k=2)
+
+
+def x_for(dtype=torch.float32, tokens=6):
+    return torch.randn(tokens, SMALL.hidden, dtype=dtype)
+
+
+class RewrittenGraphs(TestCase):
+    def test_sorted_grouped_mm(self):
+        model = models.SortedGroupedMM(models.MoEConfig(hidden=16, intermediate=8, num_experts=3, bias=True))
+        code = rewritten_code(model.bfloat16(), x_for(torch.bfloat16))
+        self.assertExpectedInline(code, """\
+    l_x_ = L_x_
+    router_gate_weight_ = L_self_router_gate_weight_
+    w1_ = L_self_w1_
+    b1_ = L_self_b1_
+    w2_ = L_self_w2_
+    b2_ = L_self_b2_
+    tokens = l_x_.reshape(-1, 16)
+    linear = torch._C._nn.linear(tokens, router_gate_weight_, None)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, True)
+    getitem_13 = route_default[1]
+    to_2 = getitem_13.to(torch.int64)
+    getitem_14 = route_default[0]
+    experts_default = torch.ops.inductor_moe.experts.default(tokens, to_2, getitem_14, w1_, w2_, b1_, b2_, 'swiglu')
+    getitem_12 = experts_default[0]
+    view_as = getitem_12.view_as(l_x_)
+    return (view_as,)
+""")
+        self.assertEqual(rewrites(), {"sorted_grouped_mm_experts": 1, "softmax_topk_router": 1})
+
+    def test_transformers_grouped_mm(self):
+        block = models.transformers_block("grouped_mm", SMALL).bfloat16()
+        code = rewritten_code(block, x_for(torch.bfloat16).view(2, 3, -1))
+        self.assertExpectedInline(code, """\
+    l_hidden_states_ = L_hidden_states_
+    gate_weight_ = L_self_gate_weight_
+    experts_gate_up_proj_ = L_self_experts_gate_up_proj_
+    experts_down_proj_ = L_self_experts_down_proj_
+    size = l_hidden_states_.size()
+    getitem_2 = size[2]
+    size_1 = l_hidden_states_.size()
+    getitem_5 = size_1[2]
+    hidden_states = l_hidden_states_.view(-1, getitem_5)
+    hidden_states_1 = hidden_states.reshape(-1, 16)
+    router_logits = torch._C._nn.linear(hidden_states_1, gate_weight_)
+    transpose_2 = experts_gate_up_proj_.transpose(1, 2)
+    transpose_3 = experts_down_proj_.transpose(1, 2)
+    route_default = torch.ops.inductor_moe.route.default(router_logits, 2, True)
+    getitem_16 = route_default[1]
+    to_3 = getitem_16.to(torch.int64)
+    getitem_17 = route_default[0]
+    experts_default = torch.ops.inductor_moe.experts.default(hidden_states, to_3, getitem_17, transpose_2, transpose_3, None, None, 'swiglu')
+    getitem_15 = experts_default[0]
+    hidden_states_3 = getitem_15.reshape(s47, s87, getitem_2)
+    return (hidden_states_3,)
+""")
+
+    def test_transformers_grouped_mm_fallback_op(self):
+        # float32 under compile: transformers calls its own transformers::grouped_mm_fallback op
+        code = rewritten_code(models.transformers_block("grouped_mm", SMALL), x_for().view(2, 3, -1))
+        self.assertIn("torch.ops.inductor_moe.experts.default(", code)
+        self.assertNotIn("grouped_mm_fallback", code)
+
+    def test_transformers_batched_mm(self):
+        code = rewritten_code(models.transformers_block("batched_mm", SMALL), x_for().view(2, 3, -1))
+        self.assertExpectedInline(code, """\
+    l_hidden_states_ = L_hidden_states_
+    gate_weight_ = L_self_gate_weight_
+    experts_gate_up_proj_ = L_self_experts_gate_up_proj_
+    experts_down_proj_ = L_self_experts_down_proj_
+    size = l_hidden_states_.size()
+    getitem_2 = size[2]
+    size_1 = l_hidden_states_.size()
+    getitem_5 = size_1[2]
+    hidden_states = l_hidden_states_.view(-1, getitem_5)
+    hidden_states_1 = hidden_states.reshape(-1, 16)
+    router_logits = torch._C._nn.linear(hidden_states_1, gate_weight_)
+    transpose = experts_gate_up_proj_.transpose(1, 2)
+    transpose_1 = experts_down_proj_.transpose(1, 2)
+    route_default = torch.ops.inductor_moe.route.default(router_logits, 2, True)
+    getitem_13 = route_default[1]
+    to_1 = getitem_13.to(torch.int64)
+    getitem_14 = route_default[0]
+    experts_default = torch.ops.inductor_moe.experts.default(hidden_states, to_1, getitem_14, transpose, transpose_1, None, None, 'swiglu')
+    getitem_12 = experts_default[0]
+    hidden_states_3 = getitem_12.reshape(s47, s87, getitem_2)
+    return (hidden_states_3,)
+""")
+
+    def test_dense_loop(self):
+        code = rewritten_code(models.DenseLoop(SMALL), x_for())
+        self.assertExpectedInline(code, """\
+    l_x_ = L_x_
+    router_gate_weight_ = L_self_router_gate_weight_
+    experts_0_gate_proj_weight_ = L_self_experts_0_gate_proj_weight_
+    experts_0_up_proj_weight_ = L_self_experts_0_up_proj_weight_
+    experts_0_down_proj_weight_ = L_self_experts_0_down_proj_weight_
+    experts_1_gate_proj_weight_ = L_self_experts_1_gate_proj_weight_
+    experts_1_up_proj_weight_ = L_self_experts_1_up_proj_weight_
+    experts_1_down_proj_weight_ = L_self_experts_1_down_proj_weight_
+    experts_2_gate_proj_weight_ = L_self_experts_2_gate_proj_weight_
+    experts_2_up_proj_weight_ = L_self_experts_2_up_proj_weight_
+    experts_2_down_proj_weight_ = L_self_experts_2_down_proj_weight_
+    tokens = l_x_.reshape(-1, 16)
+    linear = torch._C._nn.linear(tokens, router_gate_weight_, None)
+    stack = torch.stack([experts_0_gate_proj_weight_, experts_1_gate_proj_weight_, experts_2_gate_proj_weight_])
+    stack_1 = torch.stack([experts_0_up_proj_weight_, experts_1_up_proj_weight_, experts_2_up_proj_weight_])
+    cat = torch.cat([stack, stack_1], dim = 1)
+    transpose = cat.transpose(1, 2)
+    stack_2 = torch.stack([experts_0_down_proj_weight_, experts_1_down_proj_weight_, experts_2_down_proj_weight_])
+    transpose_1 = stack_2.transpose(1, 2)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, True)
+    getitem_8 = route_default[1]
+    to_1 = getitem_8.to(torch.int64)
+    getitem_9 = route_default[0]
+    experts_default = torch.ops.inductor_moe.experts.default(tokens, to_1, getitem_9, transpose, transpose_1, None, None, 'swiglu')
+    getitem_7 = experts_default[0]
+    view_as = getitem_7.view_as(l_x_)
+    return (view_as,)
+""")
+
+    def test_masked_loop(self):
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            code = rewritten_code(models.MaskedLoop(SMALL), x_for())
+        self.assertExpectedInline(code, """\
+    l_x_ = L_x_
+    router_gate_weight_ = L_self_router_gate_weight_
+    experts_0_gate_proj_weight_ = L_self_experts_0_gate_proj_weight_
+    experts_0_up_proj_weight_ = L_self_experts_0_up_proj_weight_
+    experts_0_down_proj_weight_ = L_self_experts_0_down_proj_weight_
+    experts_1_gate_proj_weight_ = L_self_experts_1_gate_proj_weight_
+    experts_1_up_proj_weight_ = L_self_experts_1_up_proj_weight_
+    experts_1_down_proj_weight_ = L_self_experts_1_down_proj_weight_
+    experts_2_gate_proj_weight_ = L_self_experts_2_gate_proj_weight_
+    experts_2_up_proj_weight_ = L_self_experts_2_up_proj_weight_
+    experts_2_down_proj_weight_ = L_self_experts_2_down_proj_weight_
+    tokens = l_x_.reshape(-1, 16)
+    linear = torch._C._nn.linear(tokens, router_gate_weight_, None)
+    stack = torch.stack([experts_0_gate_proj_weight_, experts_1_gate_proj_weight_, experts_2_gate_proj_weight_])
+    stack_1 = torch.stack([experts_0_up_proj_weight_, experts_1_up_proj_weight_, experts_2_up_proj_weight_])
+    cat = torch.cat([stack, stack_1], dim = 1)
+    transpose = cat.transpose(1, 2)
+    stack_2 = torch.stack([experts_0_down_proj_weight_, experts_1_down_proj_weight_, experts_2_down_proj_weight_])
+    transpose_1 = stack_2.transpose(1, 2)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, True)
+    getitem_21 = route_default[1]
+    to_3 = getitem_21.to(torch.int64)
+    getitem_22 = route_default[0]
+    experts_default = torch.ops.inductor_moe.experts.default(tokens, to_3, getitem_22, transpose, transpose_1, None, None, 'swiglu')
+    getitem_20 = experts_default[0]
+    view_as = getitem_20.view_as(l_x_)
+    return (view_as,)
+""")
+
+    def test_router_without_renormalisation(self):
+        router = models.TopKRouter(models.MoEConfig(hidden=16, num_experts=5, top_k=2, renormalize=False))
+        code = rewritten_code(router, x_for())
+        self.assertExpectedInline(code, """\
+    gate_weight_ = L_self_gate_weight_
+    l_x_ = L_x_
+    linear = torch._C._nn.linear(l_x_, gate_weight_, None)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, False)
+    getitem_2 = route_default[1]
+    to = getitem_2.to(torch.int64)
+    getitem_3 = route_default[0]
+    return (getitem_3, to)
+""")
+
+
+# --- near misses ---------------------------------------------------------------------------------
+
+
+class CapacityLimitedLoop(models.MaskedLoop):
+    """Each expert takes at most `capacity` tokens: the rest are dropped."""
+
+    capacity = 2
+
+    def forward(self, x):
+        weights, ids = self.router(x)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(ids, num_classes=self.cfg.num_experts).permute(2, 1, 0)
+        for e, expert in enumerate(self.experts):
+            slot, token = torch.where(mask[e])
+            slot, token = slot[: self.capacity], token[: self.capacity]
+            out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(x.dtype))
+        return out
+
+
+class NormalisedExpert(models.ExpertMLP):
+    """An expert with a LayerNorm inside: not an MLP the experts op models."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.norm = nn.LayerNorm(cfg.intermediate)
+
+    def forward(self, x):
+        return self.down_proj(self.norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MishSortedGroupedMM(models.SortedGroupedMM):
+    def forward(self, x):
+        cfg = self.cfg
+        weights, ids = self.router(x)
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        counts = torch.histc(flat_ids.float(), bins=cfg.num_experts, min=0, max=cfg.num_experts - 1)
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(x[order // cfg.top_k], self.w1, offs=offsets).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.mish(gate) * up, self.w2, offs=offsets)
+        y = y * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros(x.shape, dtype=y.dtype).index_add_(0, order // cfg.top_k, y).to(x.dtype)
+
+
+class LowPrecisionRouter(models.TopKRouter):
+    def forward(self, x):
+        weights, ids = self.gate(x).softmax(dim=-1).topk(self.cfg.top_k, dim=-1)
+        return weights, ids
+
+
+class ExposedActivation(models.SortedGroupedMM):
+    """Returns the expert activation too: the block is not closed."""
+
+    def forward(self, x):
+        cfg = self.cfg
+        weights, ids = self.router(x)
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        offsets = torch.histc(flat_ids.float(), bins=cfg.num_experts, min=0, max=cfg.num_experts - 1).cumsum(0).int()
+        a = models.activate(cfg, torch._grouped_mm(x[order // cfg.top_k], self.w1, offs=offsets))
+        y = torch._grouped_mm(a, self.w2, offs=offsets) * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros(x.shape, dtype=y.dtype).index_add_(0, order // cfg.top_k, y).to(x.dtype), a
+
+
+class SkippedExpertLoop(models.DenseLoop):
+    """The last expert is never run: its tokens would lose their contribution."""
+
+    def forward(self, x):
+        weights, ids = self.router(x)
+        dense = weights.new_zeros(x.shape[0], self.cfg.num_experts).scatter(1, ids, weights)
+        out = torch.zeros_like(x, dtype=dense.dtype)
+        for e, expert in enumerate(self.experts[:-1]):
+            out = out + dense[:, e, None] * expert(x)
+        return out.to(x.dtype)
+
+
+class SoftMixture(models.DenseLoop):
+    """Every expert weighted by the full softmax: dense by design, not a sparse MoE."""
+
+    def forward(self, x):
+        probs = self.router.gate(x).float().softmax(dim=-1)
+        out = torch.zeros_like(x, dtype=probs.dtype)
+        for e, expert in enumerate(self.experts):
+            out = out + probs[:, e, None] * expert(x)
+        return out.to(x.dtype)
+
+
+def graph_code_and_logs(model, x):
+    """(code before, code after, log messages) of the rewrite of model's dynamo graph."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch.compile(model, backend=capture)(x)
+    (gm,) = graphs
+    before = gm.graph.python_code("self").src
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("inductor_moe")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        rewrite_moe(gm.graph)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return before, gm.graph.python_code("self").src, [r.getMessage() for r in records]
+
+
+class NearMisses(TestCase):
+    def assert_untouched(self, model, x, reason: str | None):
+        before, after, messages = graph_code_and_logs(model, x)
+        self.assertEqual(before, after)
+        self.assertEqual(rewrites(), {})
+        if reason is None:
+            self.assertEqual(messages, [])
+        else:
+            self.assertTrue(any(reason in m for m in messages), f"no log says {reason!r}: {messages}")
+
+    def test_capacity_limited_routing_drops_tokens(self):
+        _, after, messages = graph_code_and_logs(CapacityLimitedLoop(SMALL), x_for())
+        self.assertNotIn("inductor_moe.experts", after)
+        self.assertTrue(any("tokens may be dropped" in m for m in messages), messages)
+
+    def test_expert_with_layer_norm(self):
+        model = models.DenseLoop(SMALL)
+        model.experts = nn.ModuleList(NormalisedExpert(SMALL) for _ in range(SMALL.num_experts))
+        _, after, messages = graph_code_and_logs(model, x_for())
+        self.assertNotIn("inductor_moe.experts", after)
+        self.assertTrue(any("dense_loop_experts: left" in m and "layer_norm" in m for m in messages), messages)
+
+    def test_unsupported_activation(self):
+        _, after, messages = graph_code_and_logs(MishSortedGroupedMM(SMALL).bfloat16(), x_for(torch.bfloat16))
+        self.assertNotIn("inductor_moe.experts", after)
+        self.assertTrue(any("mish" in m and "not supported" in m for m in messages), messages)
+
+    def test_low_precision_softmax_router(self):
+        model = LowPrecisionRouter(SMALL).bfloat16()
+        self.assert_untouched(model, x_for(torch.bfloat16), "router softmax runs in torch.bfloat16")
+
+    def test_block_whose_activation_is_used_outside(self):
+        _, after, messages = graph_code_and_logs(ExposedActivation(SMALL).bfloat16(), x_for(torch.bfloat16))
+        self.assertNotIn("inductor_moe.experts", after)
+        self.assertTrue(any("also used outside the block" in m for m in messages), messages)
+
+    def test_loop_that_skips_an_expert(self):
+        _, after, messages = graph_code_and_logs(SkippedExpertLoop(SMALL), x_for())
+        self.assertNotIn("inductor_moe.experts", after)
+        self.assertTrue(any("not all 3" in m for m in messages), messages)
+
+    def test_soft_mixture_is_not_an_moe(self):
+        model = SoftMixture(SMALL)
+        before, after, messages = graph_code_and_logs(model, x_for())
+        self.assertEqual(before, after)
+        self.assertEqual(messages, [])
