@@ -111,7 +111,9 @@ def test_grouped_mm_paths_agree_with_per_expert_matmul(aligned):
     offsets = torch.tensor([5, 5, 20, 37], dtype=torch.int32)
     assert cpu._grouped_mm_accepts(a, b) == aligned
     out = cpu.grouped_mm(a, b, offsets)
-    grad = cpu.grouped_mm_weight_grad(a, out, offsets)
+    grad = cpu.grouped_mm_weight_grad(a, out, offsets, out_in=False)
+    transposed = cpu.grouped_mm_weight_grad(a, out, offsets, out_in=True)
+    assert transposed.stride(1) == 1 and torch.allclose(transposed, grad, rtol=2e-2, atol=1e-1)
     starts = [0, 5, 5, 20]
     for e, (s, t) in enumerate(zip(starts, offsets.tolist())):
         if t > s:

@@ -60,8 +60,17 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return out
 
 
-def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``a[rows of e].T @ grad[rows of e]`` for every expert e: ``[E, K, N]``, zero for empty experts."""
+def stored_out_in(weight: torch.Tensor) -> bool:
+    """Whether a ``[E, in, out]`` weight is a transposed view of ``[E, out, in]`` storage."""
+    return weight.stride(1) == 1 and weight.stride(2) != 1
+
+
+def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, out_in: bool) -> torch.Tensor:
+    """``a[rows of e].T @ grad[rows of e]`` for every expert e: ``[E, K, N]``, zero for empty
+    experts; computed in ``[E, N, K]`` storage (a transposed view) when ``out_in``, so that the
+    gradient has its weight's layout and autograd need not copy it."""
+    if out_in:
+        return grouped_mm_weight_grad(grad, a, offsets, out_in=False).transpose(1, 2)
     a_t = a.t()
     if _grouped_mm_accepts(a_t, grad):
         return torch._grouped_mm(a_t, grad, offs=offsets)
@@ -141,9 +150,9 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     grad_weights = torch.empty_like(grad_scale).index_put((order,), grad_scale)
 
     grad_y = (grad_rows * scale).to(x.dtype)
-    grad_w2 = grouped_mm_weight_grad(a, grad_y, offsets)
+    grad_w2 = grouped_mm_weight_grad(a, grad_y, offsets, stored_out_in(w2))
     grad_h = activations.backward(activation, h, (grad_a * scale).to(h.dtype))
-    grad_w1 = grouped_mm_weight_grad(gather_rows(x, order // k), grad_h, offsets)
+    grad_w1 = grouped_mm_weight_grad(gather_rows(x, order // k), grad_h, offsets, stored_out_in(w1))
     grad_x = unpermute_reduce(grouped_mm(grad_h, w1.transpose(1, 2), offsets), order, None, num_tokens)
 
     def bias_grad(bias, rows):

@@ -135,7 +135,10 @@ def _(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, activation):
     def like(t):
         return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
-    return like(x), like(weights), like(w1), like(w2), like(b1), like(b2)
+    def weight_grad(w):  # the layout of the weight's storage, as the real implementation returns
+        return w.new_empty(w.shape[0], w.shape[2], w.shape[1]).transpose(1, 2) if cpu.stored_out_in(w) else like(w)
+
+    return like(x), like(weights), weight_grad(w1), weight_grad(w2), like(b1), like(b2)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,17 @@
+"""Every supported MoE block style: eager vs torch.compile vs torch.compile + inductor_moe.
+
+    python benchmarks/styles.py --json benchmarks/results/cpu_styles_bf16.json
+    python benchmarks/styles.py --backward --json benchmarks/results/cpu_styles_bf16_train.json
+
+Defaults: the Mixtral-shaped block T=512, H=512, I=256, E=16, k=4 in bfloat16.
+"""
+
+from inductor_moe import benchmark, models
+
+STYLES = [*models.STYLES, "transformers_grouped_mm", "transformers_batched_mm"]
+
+if __name__ == "__main__":
+    parser = benchmark.parser(__doc__.splitlines()[0])
+    parser.add_argument("--styles", nargs="+", default=STYLES)
+    args = parser.parse_args()
+    benchmark.run(args.styles, args)

@@ -1,0 +1,157 @@
+"""Eager vs torch.compile vs torch.compile + inductor_moe on one model, timed in one process.
+
+The variants take turns in short blocks of calls, so that a machine whose speed drifts affects
+them alike; the first calls of each block are not counted, so that the aftermath of the previous
+variant (caches swept by eager batched_mm, a clock lowered by a long AVX-512 kernel) does not
+slow the next one down. The numbers are medians.
+``python -m inductor_moe`` runs this on a built-in model; ``benchmarks/styles.py`` on every style.
+"""
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+
+import torch
+from torch._dynamo.utils import counters
+
+from . import models
+
+IMPLS = ("eager", "torch.compile", "inductor_moe")
+
+
+def variants(model: torch.nn.Module) -> dict:
+    return {
+        "eager": model,
+        # Distinct options keep dynamo from reusing one compile's code for the other, and leave
+        # inductor_moe's pass out of this one: stock torch.compile.
+        "torch.compile": torch.compile(model, options={"pre_grad_custom_pass": None}),
+        "inductor_moe": torch.compile(model),
+    }
+
+
+def _step(model, fn, x: torch.Tensor, backward: bool):
+    if not backward:
+        return lambda: fn(x)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)  # as a training loop does: no accumulation into .grad
+        fn(x).float().square().mean().backward()
+
+    return train_step
+
+
+def measure(model: torch.nn.Module, x: torch.Tensor, *, backward: bool = False, rounds: int = 20):
+    """(median ms per implementation, inductor_moe's rewrites) for ``model(x)`` (and backward)."""
+    x = x.detach().requires_grad_(backward)
+    steps, rewrites = {}, {}
+    # every compile runs the pass: a cache hit would skip it and its counters
+    with torch._inductor.config.patch(force_disable_caches=True), torch.set_grad_enabled(backward):
+        for name, fn in variants(model).items():
+            before = dict(counters["inductor_moe"])
+            steps[name] = _step(model, fn, x, backward)
+            steps[name]()  # compile and warm up
+            steps[name]()
+            if name == "inductor_moe":
+                rewrites = {k: v - before.get(k, 0) for k, v in counters["inductor_moe"].items() if v > before.get(k, 0)}
+        return _interleaved(steps, rounds), rewrites
+
+
+def _interleaved(steps: dict, rounds: int, block: int = 6, skip: int = 2) -> dict:
+    """Median ms of each step, the steps taking turns in blocks whose first calls are not counted."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for call in range(block):
+                start = time.perf_counter()
+                step()
+                if call >= skip:
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def environment() -> dict:
+    import triton
+
+    return {
+        "device": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
+
+
+def rows(benchmark: str, shape: dict, medians: dict, flops: int) -> list[dict]:
+    return [
+        {
+            "benchmark": benchmark,
+            "shape": shape,
+            "impl": impl,
+            "median_ms": round(ms, 4),
+            "tflops": round(flops / ms / 1e9, 4),
+            "speedup_vs_torch_compile": round(medians["torch.compile"] / ms, 3),
+        }
+        for impl, ms in medians.items()
+    ]
+
+
+def print_table(all_rows: list[dict]) -> None:
+    print(f"{'benchmark':28} {'impl':14} {'median ms':>10} {'GFLOP/s':>9} {'vs compile':>10}")
+    for row in all_rows:
+        print(
+            f"{row['benchmark']:28} {row['impl']:14} {row['median_ms']:10.3f} {1e3 * row['tflops']:9.1f} "
+            f"{row['speedup_vs_torch_compile']:9.2f}x"
+        )
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--backward", action="store_true", help="time forward + backward (training)")
+    p.add_argument("--rounds", type=int, default=8, help="turns of each variant (4 timed calls each)")
+    p.add_argument("--json", help="write the rows here")
+    return p
+
+
+def run(styles: list[str], args) -> list[dict]:
+    """Measure every style at the shape in ``args``; print and optionally save the table."""
+    cfg = models.MoEConfig(args.hidden, args.intermediate, args.experts, args.top_k)
+    dtype = getattr(torch, args.dtype)
+    shape = {"T": args.tokens, "H": args.hidden, "I": args.intermediate, "E": args.experts, "k": args.top_k,
+             "dtype": args.dtype, "backward": args.backward}
+    flops = models.expert_flops(cfg, args.tokens) * (3 if args.backward else 1)
+    # the torch.where loop is one graph only with data-dependent output shapes captured
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    all_rows = []
+    for style in styles:
+        torch.manual_seed(0)
+        model = models.build(style, cfg).to(dtype)
+        x = torch.randn(args.tokens, args.hidden, dtype=dtype)
+        if style.startswith("transformers_"):
+            x = x.view(1, args.tokens, args.hidden)
+        medians, rewrites = measure(model, x, backward=args.backward, rounds=args.rounds)
+        print(f"{style}: inductor_moe rewrote {rewrites or 'nothing'}")
+        all_rows += rows(style, shape, medians, flops)
+    print_table(all_rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**environment(), "rows": all_rows}, f, indent=1)
+    return all_rows
+
+
+def main() -> None:
+    p = parser("Compile a built-in MoE block eagerly, with torch.compile and with torch.compile + "
+               "inductor_moe; print what was rewritten and the throughput of each.")
+    p.add_argument("--style", default="sorted_grouped_mm", help=f"one of {sorted(models.STYLES)} "
+                   "or transformers_grouped_mm / transformers_batched_mm")
+    args = p.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("inductor_moe").setLevel(logging.INFO)
+    run([args.style], args)
