@@ -72,12 +72,19 @@ def _interleaved(steps: dict, rounds: int, block: int = 6, skip: int = 2) -> dic
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     import triton
 
     return {
-        "device": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
+        "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "triton": triton.__version__,
     }
@@ -129,7 +136,7 @@ def run(styles: list[str], args) -> list[dict]:
     flops = models.expert_flops(cfg, args.tokens) * (3 if args.backward else 1)
     # the torch.where loop is one graph only with data-dependent output shapes captured
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    all_rows = []
+    all_rows, all_rewrites = [], {}
     for style in styles:
         torch.manual_seed(0)
         model = models.build(style, cfg).to(dtype)
@@ -139,10 +146,11 @@ def run(styles: list[str], args) -> list[dict]:
         medians, rewrites = measure(model, x, backward=args.backward, rounds=args.rounds)
         print(f"{style}: inductor_moe rewrote {rewrites or 'nothing'}")
         all_rows += rows(style, shape, medians, flops)
+        all_rewrites[style] = rewrites
     print_table(all_rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**environment(), "rows": all_rows}, f, indent=1)
+            json.dump({**environment(), "rewrites": all_rewrites, "rows": all_rows}, f, indent=1)
     return all_rows
 
 

@@ -59,11 +59,8 @@ def _check(x, ids, weights, w1, w2, b1, b2, activation) -> None:
         ids.shape[1] <= num_experts,
         lambda: f"inductor_moe.experts: k = {ids.shape[1]} experts per token but only {num_experts} experts",
     )
-    for name, bias, size in (("b1", b1, width), ("b2", b2, hidden)):
-        torch._check(
-            bias is None or tuple(bias.shape) == (num_experts, size),
-            lambda: f"inductor_moe.experts: {name} must be {(num_experts, size)}, got {tuple(bias.shape)}",
-        )
+    _check_bias("b1", b1, (num_experts, width))
+    _check_bias("b2", b2, (num_experts, hidden))
     tensors = [t for t in (x, w1, w2, b1, b2) if t is not None]
     torch._check(
         all(t.dtype == x.dtype for t in tensors),
@@ -72,6 +69,13 @@ def _check(x, ids, weights, w1, w2, b1, b2, activation) -> None:
     )
     devices = {t.device for t in (*tensors, ids, weights)}
     torch._check(len(devices) == 1, lambda: f"inductor_moe.experts: tensors on several devices: {devices}")
+
+
+def _check_bias(name: str, bias: Tensor | None, shape: tuple) -> None:
+    torch._check(
+        bias is None or tuple(bias.shape) == shape,
+        lambda: f"inductor_moe.experts: {name} must be {shape}, got {tuple(bias.shape)}",
+    )
 
 
 def _check_ids_in_range(ids: Tensor, num_experts: int) -> None:

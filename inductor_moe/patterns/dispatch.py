@@ -23,7 +23,7 @@ from torch.fx import Node
 
 from . import combine
 from .experts import ExpertMLP, Projection, Weight, biased, linear_projection, match_mlp, skip_noop_casts, with_bias
-from .fx import NoMatch, call, expect, getitem_users, is_call, require, same_shape, same_size, shape, value
+from .fx import NoMatch, call, expect, is_call, require, same_shape, same_size, shape
 
 
 @dataclasses.dataclass
@@ -480,41 +480,52 @@ def masked_loop(anchor: Node) -> Block | None:
     adds = [u for u in anchor.users if is_call(u, "index_add")]
     if not adds or not _derives_from_where(call(adds[0])["index"]):
         return None  # an accumulation, but not of rows picked per expert
-    x = ids_node = weights_node = num_experts = None
-    experts, nodes = {}, {anchor}
+    bodies, nodes, inputs, counts = {}, {anchor}, set(), set()
     for add in adds:
-        c = call(add)
-        require(c.inplace and c["input"] is anchor and c["dim"] == 0, f"{add} is not acc.index_add_(0, ...)")
-        source, casts = skip_noop_casts(c["source"])
-        if is_call(source, "to"):  # back to the accumulator's dtype, as eager casts before adding
-            casts.add(source)
-            source = call(source)["input"]
-        scaled = expect(source, "mul", what="expert rows added to the output")
-        where_ids, e, mask_experts, token, slot, where_nodes = _token_slot(c["index"])
-        for y, column in ((scaled["input"], scaled["other"]), (scaled["other"], scaled["input"])):
-            try:
-                weights, column_nodes = _where_weights(column, token, slot)
-                break
-            except NoMatch:
-                continue
-        else:
-            raise NoMatch(f"expert {e}'s rows are scaled by {column}, not by their routing weights")
-        body = match_mlp(y, linear_projection)
-        source_rows, index, gather_nodes = _gathered(body.input, f"expert {e}'s input rows")
-        require(index is token, f"expert {e} reads rows {index}, not its tokens {token}: tokens may be dropped")
-        require(e not in experts, f"expert {e} is added twice")
-        for name, seen, new in (("token rows", x, source_rows), ("ids", ids_node, where_ids), ("weights", weights_node, weights)):
-            require(seen is None or seen is new, f"expert {e} reads other {name} than expert 0")
-        x, ids_node, weights_node = source_rows, where_ids, weights
-        num_experts = mask_experts or num_experts
-        experts[e] = body
-        nodes |= {add, scaled.node, y, body.input} | casts | where_nodes | column_nodes | gather_nodes | body.nodes
-    num_experts = num_experts or _topk_experts(ids_node)
-    require(num_experts is not None, f"expert ids {ids_node} are not top-k indices: the expert count is unknown")
-    require(sorted(experts) == list(range(num_experts)), f"the loop runs experts {sorted(experts)}, not all {num_experts}")
-    mlp = _stack_experts([experts[e] for e in range(num_experts)], x)
-    _check_tokens(x, ids_node, weights_node)
-    return Block("masked_loop_experts", x, ids_node, weights_node, mlp, adds[-1], (anchor,), nodes, set())
+        e, body, x, ids, weights, num_experts, expert_nodes = _masked_expert(add, anchor)
+        require(e not in bodies, f"expert {e} is added twice")
+        bodies[e], nodes, counts = body, nodes | expert_nodes, counts | {num_experts}
+        inputs.add((x, ids, weights))
+    require(len(inputs) == 1, "the experts of the loop read different tokens, ids or routing weights")
+    ((x, ids, weights),) = inputs
+    known = counts - {None}  # one_hot's num_classes, when the masks come from one
+    require(len(known) <= 1, f"the experts' masks disagree on the number of experts: {known}")
+    num_experts = known.pop() if known else _topk_experts(ids)
+    require(num_experts is not None, f"expert ids {ids} are not top-k indices: the expert count is unknown")
+    require(sorted(bodies) == list(range(num_experts)), f"the loop runs experts {sorted(bodies)}, not all {num_experts}")
+    mlp = _stack_experts([bodies[e] for e in range(num_experts)], x)
+    _check_tokens(x, ids, weights)
+    return Block("masked_loop_experts", x, ids, weights, mlp, adds[-1], (anchor,), nodes, set())
+
+
+def _masked_expert(add: Node, accumulator: Node):
+    """(e, body, x, ids, weights, E or None, nodes) for one
+    ``acc.index_add_(0, token, expert_e(x[token]) * weights[token, slot, None])``."""
+    c = call(add)
+    require(c.inplace and c["input"] is accumulator and c["dim"] == 0, f"{add} is not acc.index_add_(0, ...)")
+    source, nodes = skip_noop_casts(c["source"])
+    if is_call(source, "to"):  # eager casts to the accumulator's dtype before adding
+        nodes.add(source)
+        source = call(source)["input"]
+    scaled = expect(source, "mul", what="expert rows added to the output")
+    ids, e, num_experts, token, slot, where_nodes = _token_slot(c["index"])
+    y, weights, weight_nodes = _scaled_by_routing_weights(scaled, token, slot, e)
+    body = match_mlp(y, linear_projection)
+    x, index, gather_nodes = _gathered(body.input, f"expert {e}'s input rows")
+    require(index is token, f"expert {e} reads rows {index}, not its tokens {token}: tokens may be dropped")
+    nodes |= {add, source, y, body.input} | where_nodes | weight_nodes | gather_nodes | body.nodes
+    return e, body, x, ids, weights, num_experts, nodes
+
+
+def _scaled_by_routing_weights(scaled, token: Node, slot: Node, e: int) -> tuple[Node, Node, set]:
+    """(expert rows, weights, nodes) for ``rows * weights[token, slot, None]`` in either order."""
+    for y, column in ((scaled["input"], scaled["other"]), (scaled["other"], scaled["input"])):
+        try:
+            weights, nodes = _where_weights(column, token, slot)
+        except NoMatch:
+            continue
+        return y, weights, nodes
+    raise NoMatch(f"expert {e}'s rows are not scaled by their routing weights[token, slot]")
 
 
 def _is_where_output(node: object) -> bool:

@@ -57,6 +57,25 @@ def _position(graph: Graph) -> dict:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
+_VIEWS = ("reshape", "view_as", "flatten", "transpose", "t", "permute", "unsqueeze", "squeeze", "chunk")
+
+
+def _view_source(node: Node) -> Node | None:
+    """The tensor ``node`` is a view of, or None if it owns its memory."""
+    c = call(node)
+    if c is None:
+        return None
+    if c.name in _VIEWS or (c.name == "getitem" and isinstance(value(c["input"]), torch.Tensor) and _basic(c["index"])):
+        return c["input"]
+    return None
+
+
+def _basic(index) -> bool:
+    """Indexing with ints, slices, None and ... only: the result is a view."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(item is None or item is Ellipsis or isinstance(item, (int, slice)) for item in items)
+
+
 def _check_closed(nodes: set, outputs: set, shareable: set) -> None:
     for node in nodes - outputs - shareable:
         for user in node.users:
@@ -65,7 +84,10 @@ def _check_closed(nodes: set, outputs: set, shareable: set) -> None:
     for node in nodes:
         c = call(node)
         if c is not None and c.inplace:
-            require(node.args[0] in nodes, f"{node} updates {node.args[0]} in place, which the block did not create")
+            base = node.args[0]
+            while (source := _view_source(base)) is not None and base in nodes:
+                base = source
+            require(base in nodes, f"{node} updates {base} in place, which the block did not create")
 
 
 def _insertion_point(nodes: set, outputs: tuple, inputs: list, position: dict) -> Node | None:
@@ -83,8 +105,9 @@ def _insertion_point(nodes: set, outputs: tuple, inputs: list, position: dict) -
 
 def _replace(graph: Graph, nodes: set, replacements: dict) -> None:
     """Redirect readers of the old results, then erase the block and whatever only it used."""
+    new_nodes = set(replacements.values())
     for old, new in replacements.items():
-        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in nodes and user is not new)
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in nodes and user not in new_nodes)
     doomed = set(nodes)
     for node in reversed(list(graph.nodes)):  # reverse order: users go before what they use
         if node in doomed and not node.users:
@@ -124,18 +147,30 @@ def _absorb_final_cast(block: Block) -> None:
     block.result = users[0]
 
 
+def _rewrite(graph: Graph, nodes: set, outputs: tuple, shareable: set, inputs: list, build) -> bool:
+    """Check the region, then replace its outputs by what ``build(emit)`` returns ({old: new})."""
+    _check_closed(nodes, set(outputs), shareable)
+    point = _insertion_point(nodes, outputs, inputs, _position(graph))
+    if point is None:
+        return False  # nothing reads the result
+    emit = Emitter(graph, point, outputs[0])
+    try:
+        replacements = build(emit)
+    except RuntimeError as error:  # the op's own checks (torch._check) refuse these operands
+        emit.undo()
+        raise NoMatch(f"the canonical op refuses the operands: {error}") from error
+    _replace(graph, nodes, replacements)
+    return True
+
+
 def rewrite_experts(graph: Graph, block: Block) -> bool:
-    """Replace the block by ``inductor_moe::experts``; False if nothing reads its result."""
+    """Replace the block by ``inductor_moe::experts``."""
     _absorb_final_cast(block)
     outputs = (block.result, *block.accumulators)
     mlp = block.mlp
-    _check_closed(block.nodes, set(outputs), block.shareable)
-    inputs = [block.x, block.ids, block.weights, *(n for w in (mlp.w1, mlp.b1, mlp.w2, mlp.b2) for n in _weight_nodes(w))]
-    point = _insertion_point(block.nodes, outputs, inputs, _position(graph))
-    if point is None:
-        return False
-    emit = Emitter(graph, point, block.result)
-    try:
+    weights = [n for w in (mlp.w1, mlp.b1, mlp.w2, mlp.b2) for n in _weight_nodes(w)]
+
+    def build(emit: Emitter) -> dict:
         op = emit.function(
             torch.ops.inductor_moe.experts.default,
             block.x, block.ids, block.weights,
@@ -145,28 +180,21 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
         out = emit.function(operator.getitem, op, 0)
         if dtype(out) != dtype(block.result):
             out = emit.method("to", out, dtype(block.result))
-    except Exception:
-        emit.undo()
-        raise
-    _replace(graph, block.nodes, {old: out for old in outputs})
-    return True
+        return {old: out for old in outputs}
+
+    inputs = [block.x, block.ids, block.weights, *weights]
+    return _rewrite(graph, block.nodes, outputs, block.shareable, inputs, build)
 
 
 def rewrite_router(graph: Graph, router: Router) -> bool:
     """Replace softmax -> top-k (-> renormalise) by ``inductor_moe::route``."""
-    outputs = tuple(n for n in (router.weights, router.ids) if n is not None)
-    _check_closed(router.nodes, set(outputs), router.shareable)
-    point = _insertion_point(router.nodes, outputs, [router.logits], _position(graph))
-    if point is None:
-        return False
-    emit = Emitter(graph, point, router.ids)
-    try:
+
+    def build(emit: Emitter) -> dict:
         route = emit.function(torch.ops.inductor_moe.route.default, router.logits, router.k, router.renormalize)
         replacements = {router.ids: emit.method("to", emit.function(operator.getitem, route, 1), torch.int64)}
         if router.weights is not None:
             replacements[router.weights] = emit.function(operator.getitem, route, 0)
-    except Exception:
-        emit.undo()
-        raise
-    _replace(graph, router.nodes, replacements)
-    return True
+        return replacements
+
+    outputs = tuple(n for n in (router.ids, router.weights) if n is not None)
+    return _rewrite(graph, router.nodes, outputs, router.shareable, [router.logits], build)
