@@ -4,12 +4,12 @@
     model = torch.compile(model)
 
 Importing the package registers the canonical ops (``torch.ops.inductor_moe.*``) and chains its
-pre-grad pass onto Inductor's config. ``inductor_moe.config`` holds the knobs; every rewrite
+graph passes onto Inductor's config (see ``passes``). ``inductor_moe.config`` holds the knobs; every rewrite
 counts in ``torch._dynamo.utils.counters["inductor_moe"]`` and is logged (logger ``inductor_moe``).
 """
 
 from . import config, lowerings, ops  # noqa: F401
-from .patterns.graph_pass import install
+from .passes import install
 
 install()
 

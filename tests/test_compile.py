@@ -147,3 +147,22 @@ def test_a_users_pre_grad_pass_keeps_running():
         assert torch._inductor.config.pre_grad_custom_pass is chained
     finally:
         torch._inductor.config.pre_grad_custom_pass = ours
+
+
+def saved_shapes(fn, *args) -> list:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        fn(*args)
+    return saved
+
+
+def test_training_keeps_no_gathered_rows_or_activations():
+    """Saved for backward: inputs, the first projection's output, routing metadata. Not the
+    gathered copies of x [T*k, H] nor the activation [T*k, I]: the backward recomputes them."""
+    cfg = models.MoEConfig(hidden=48, intermediate=16, num_experts=4, top_k=2)  # H, I, 2I all differ
+    model = models.SortedGroupedMM(cfg).bfloat16()
+    x = torch.randn(24, cfg.hidden, dtype=torch.bfloat16, requires_grad=True)
+    saved = saved_shapes(torch.compile(model), x)
+    pairs = 24 * cfg.top_k
+    assert (pairs, 2 * cfg.intermediate) in saved
+    assert (pairs, cfg.hidden) not in saved and (pairs, cfg.intermediate) not in saved, saved

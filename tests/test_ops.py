@@ -94,6 +94,18 @@ def test_experts_bfloat16_gradients_match_float64():
         assert_close(actual, expected, torch.bfloat16, f"grad of {name}")
 
 
+def test_experts_saves_inputs_pre_activation_and_routing_metadata_only():
+    args = make_experts(24, 48, 16, 4, 2, "swiglu", torch.bfloat16, bias=False)
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in args[:5]] + [None, None]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, h, order, offsets = experts_op(*leaves, "swiglu")
+    inputs = [t for t in leaves if t is not None]
+    assert len(saved) == len(inputs) + 3
+    assert all(any(s is t for t in inputs) for s in saved[: len(inputs)])
+    assert [tuple(s.shape) for s in saved[len(inputs):]] == [(48, 32), (48,), (4,)]
+
+
 def test_expert_without_tokens_gets_zero_gradient():
     x, ids, weights, w1, w2, b1, b2 = make_experts(6, 16, 8, 5, 1, "swiglu", torch.float32)
     ids = torch.where(ids == 3, 0, ids)  # nobody routes to expert 3

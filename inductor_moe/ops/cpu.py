@@ -9,6 +9,7 @@ the pairs grouped by expert (stable, so deterministic) and ``offsets[e]`` is the
 """
 
 import torch
+import torch.nn.functional as F
 
 from . import activations
 
@@ -71,6 +72,12 @@ def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.T
     gradient has its weight's layout and autograd need not copy it."""
     if out_in:
         return grouped_mm_weight_grad(grad, a, offsets, out_in=False).transpose(1, 2)
+    rows, align = a.shape[0], 16 // a.element_size()
+    if isinstance(rows, torch.SymInt) or rows % align:
+        # The rows become the inner dimension of a.t(): pad them (with zeros, which add nothing)
+        # to a 16-byte multiple, whatever layout a compiled graph gives that transposed operand.
+        pad = (-rows) % align
+        a, grad = F.pad(a, (0, 0, 0, pad)), F.pad(grad, (0, 0, 0, pad))
     a_t = a.t()
     if _grouped_mm_accepts(a_t, grad):
         return torch._grouped_mm(a_t, grad, offs=offsets)

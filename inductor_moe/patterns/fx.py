@@ -159,7 +159,8 @@ def expect(node: object, *names: str, what: str = "") -> Call:
 
 def value(node: Node):
     """The fake tensor (or symbolic value) dynamo recorded for ``node``."""
-    return node.meta.get("example_value")
+    require("example_value" in node.meta, f"{node} has no recorded value")
+    return node.meta["example_value"]
 
 
 def shape(node: Node) -> tuple:

@@ -1,16 +1,8 @@
-"""The pre-grad pass that runs every matcher, and its installation into Inductor's config.
-
-It is chained onto ``torch._inductor.config.pre_grad_custom_pass`` (a pass the user set keeps
-running, first), and its ``uuid()`` covers every source file of the package and every config
-value, so Inductor's caches never serve code compiled under other code or other settings.
-"""
+"""The pre-grad pass: run every matcher over dynamo's graph and rewrite what they find."""
 
 import logging
-import pathlib
 
 from torch._dynamo.utils import counters
-from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
 from torch.fx import Graph, Node
 
 from .. import config
@@ -18,9 +10,6 @@ from . import dispatch, rewrite, router
 from .fx import NoMatch
 
 log = logging.getLogger(__name__)
-
-_PACKAGE = pathlib.Path(__file__).resolve().parent.parent
-_SOURCES = tuple(str(p) for p in sorted(_PACKAGE.rglob("*.py")))
 
 # pattern name -> (matcher, rewrite): experts blocks first, so each sees the router it reads from
 PATTERNS = {
@@ -56,29 +45,3 @@ def rewrite_moe(graph: Graph) -> None:
                 continue
             counters["inductor_moe"][name] += 1
             log.info("%s: rewrote the block ending at %s", name, _where(node))
-
-
-class MoEGraphPass(CustomGraphPass):
-    """inductor_moe's pre-grad pass, chained after the pass that was configured before it."""
-
-    def __init__(self, previous=None):
-        self.previous = previous
-
-    def __call__(self, graph: Graph) -> None:
-        for previous in get_custom_graph_passes(self.previous):
-            previous(graph)
-        if config.enabled:
-            rewrite_moe(graph)
-
-    def uuid(self):
-        previous = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in get_custom_graph_passes(self.previous)]
-        if None in previous:
-            return None  # a chained pass without a uuid: Inductor then runs passes before its cache lookup
-        return get_hash_for_files(_SOURCES).hex(), config.get_hash().hex(), tuple(previous)
-
-
-def install() -> None:
-    """Chain the pass onto ``pre_grad_custom_pass``; again after a user replaced that setting."""
-    current = inductor_config.pre_grad_custom_pass
-    if not any(isinstance(p, MoEGraphPass) for p in get_custom_graph_passes(current)):
-        inductor_config.pre_grad_custom_pass = MoEGraphPass(current)
