@@ -81,12 +81,14 @@ def _cpu_name() -> str:
 
 
 def environment() -> dict:
-    import triton
-
+    try:
+        import triton
+    except ImportError:  # triton is a dependency on Linux only
+        triton = None
     return {
         "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": getattr(triton, "__version__", None),
     }
 
 

@@ -111,14 +111,18 @@ class SortedGroupedMM(nn.Module):
         return out.to(x.dtype).view_as(x)
 
 
-class DenseLoop(nn.Module):
-    """Every expert runs on every token; a routing weight that is zero off the top-k masks it."""
+class ExpertList(nn.Module):
+    """A router and one ExpertMLP module per expert (Mixtral's original layout)."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         self.router = TopKRouter(cfg)
         self.experts = nn.ModuleList(ExpertMLP(cfg) for _ in range(cfg.num_experts))
+
+
+class DenseLoop(ExpertList):
+    """Every expert runs on every token; a routing weight that is zero off the top-k masks it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.cfg.hidden)
@@ -130,17 +134,11 @@ class DenseLoop(nn.Module):
         return out.to(x.dtype).view_as(x)
 
 
-class MaskedLoop(nn.Module):
+class MaskedLoop(ExpertList):
     """The classic loop: ``torch.where`` on each expert's mask, run it, ``index_add_`` back.
 
     One graph only with ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``.
     """
-
-    def __init__(self, cfg: MoEConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.router = TopKRouter(cfg)
-        self.experts = nn.ModuleList(ExpertMLP(cfg) for _ in range(cfg.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.cfg.hidden)

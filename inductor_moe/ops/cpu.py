@@ -1,7 +1,8 @@
 """CPU building blocks of the canonical ops: plain torch calls chosen for speed on CPU.
 
 Functional (no in-place updates) and free of data-dependent shapes on the ``_grouped_mm`` path,
-so the same code serves as the eager implementation and as the decomposition Inductor compiles.
+so the same code serves as the eager implementation and as what the CPU lowering traces into
+compiled graphs (``lowerings/cpu.py``).
 
 Rows of an expert computation are (token, slot) pairs, ``pair = token * k + slot``. ``order`` lists
 the pairs grouped by expert (stable, so deterministic) and ``offsets[e]`` is the end of expert

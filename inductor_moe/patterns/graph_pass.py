@@ -1,6 +1,8 @@
 """The pre-grad pass: run every matcher over dynamo's graph and rewrite what they find."""
 
 import logging
+import os
+import re
 
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
@@ -19,9 +21,14 @@ PATTERNS = {
 
 
 def _where(node: Node) -> str:
-    """The user's source line of a node, for log messages."""
-    trace = node.meta.get("stack_trace", "").strip().splitlines()
-    return f"{node.name} ({trace[-2].strip()})" if len(trace) >= 2 else node.name
+    """The node and the user's source line that made it, for log messages."""
+    lines = node.meta.get("stack_trace", "").splitlines()
+    frames = [(i, m) for i, line in enumerate(lines) if (m := re.match(r'\s*File "(.*)", line (\d+)', line))]
+    if not frames:
+        return node.name
+    i, match = frames[-1]
+    code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+    return f"{node.name} ({os.path.basename(match[1])}:{match[2]}: {code})"
 
 
 def rewrite_moe(graph: Graph) -> None:
