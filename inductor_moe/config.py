@@ -5,6 +5,7 @@ Read at compile time: change a value, then compile again. Every value enters the
 ``inductor_moe.config.patch(enabled=False)`` as a context manager or decorator for a scoped change.
 """
 
+import os
 import sys
 
 from torch.utils._config_module import install_config_module
@@ -14,5 +15,9 @@ enabled: bool = True
 
 # Pattern names (the keys of counters["inductor_moe"]) to leave alone, e.g. ["dense_loop_experts"].
 disabled_patterns: list[str] = []
+
+# Run the Triton kernels for CPU tensors too, through Triton's interpreter (slow: for tests). The
+# interpreter must be on (TRITON_INTERPRET=1) before inductor_moe.kernels is imported.
+triton_on_cpu: bool = os.environ.get("TRITON_INTERPRET") == "1"
 
 install_config_module(sys.modules[__name__])

@@ -1,45 +1,21 @@
-"""The canonical ops in eager: against float64 references, gradients, clear errors for bad input."""
+"""The canonical ops on their torch code (ops/cpu.py): float64 references, gradients, errors."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import assert_close
+from references import make_experts, reference_experts, reference_route
 
 from inductor_moe.ops import activations, cpu
+from inductor_moe.ops.activations import Activation
 
 experts_op = torch.ops.inductor_moe.experts
 route_op = torch.ops.inductor_moe.route
 
-
-def reference_experts(x, ids, weights, w1, w2, b1, b2, activation):
-    """out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), one pair at a time in float64."""
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = ids[t, j]
-            h = x[t].double() @ w1[e].double() + (0 if b1 is None else b1[e].double())
-            y = activations.forward(activation, h) @ w2[e].double() + (0 if b2 is None else b2[e].double())
-            out[t] += weights[t, j].double() * y
-    return out
-
-
-def make_experts(tokens, hidden, inner, num_experts, k, activation, dtype, bias=True, out_in=True):
-    """Random inputs of the experts op; ``out_in`` stores w1/w2 as [E, out, in] and passes views."""
-    width = 2 * inner if activations.is_gated(activation) else inner
-    x = torch.randn(tokens, hidden, dtype=dtype)
-    ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(tokens)]).reshape(tokens, k)
-    weights = torch.rand(tokens, k, dtype=torch.float32)
-
-    def weight(fan_in, fan_out):
-        if out_in:
-            return (torch.randn(num_experts, fan_out, fan_in, dtype=dtype) * fan_in**-0.5).transpose(1, 2)
-        return torch.randn(num_experts, fan_in, fan_out, dtype=dtype) * fan_in**-0.5
-
-    w1, w2 = weight(hidden, width), weight(inner, hidden)
-    b1 = torch.randn(num_experts, width, dtype=dtype) if bias else None
-    b2 = torch.randn(num_experts, hidden, dtype=dtype) if bias else None
-    return x, ids, weights, w1, w2, b1, b2
-
+ACTIVATIONS = [Activation(name) for name in sorted(activations.ACTIVATIONS)] + [
+    Activation("swiglu", interleaved=True),
+    Activation("swiglu_oai", interleaved=True, alpha=1.702, limit=1.0),  # a small limit: the clamps matter
+]
+ARGS = {act: (act.name, act.interleaved, act.alpha, act.limit) for act in ACTIVATIONS}
 
 SHAPES = [  # tokens, hidden, inner, experts, k: one token, k=1, odd sizes, experts that get no token
     (1, 16, 8, 4, 1),
@@ -49,12 +25,12 @@ SHAPES = [  # tokens, hidden, inner, experts, k: one token, k=1, odd sizes, expe
 ]
 
 
-@pytest.mark.parametrize("activation", sorted(activations.ACTIVATIONS))
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_experts_forward_matches_float64_reference(activation, shape):
-    args = make_experts(*shape, activation, torch.float32, bias=shape[0] % 2 == 1, out_in=shape[1] % 3 == 0)
-    out, h, order, offsets = experts_op(*args, activation)
-    assert_close(out, reference_experts(*args, activation), torch.float32, "out")
+def test_experts_forward_matches_float64_reference(act, shape):
+    args = make_experts(*shape, act, torch.float32, bias=shape[0] % 2 == 1, out_in=shape[1] % 3 == 0)
+    out, h, order, offsets = experts_op(*args, *ARGS[act])
+    assert_close(out, reference_experts(*args, act), torch.float32, "out")
     counts = torch.bincount(args[1].reshape(-1), minlength=shape[3])
     assert torch.equal(offsets, counts.cumsum(0).int())
     assert torch.equal(args[1].reshape(-1)[order].sort().values, args[1].reshape(-1)[order])
@@ -62,26 +38,28 @@ def test_experts_forward_matches_float64_reference(activation, shape):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_experts_low_precision_matches_float64_reference(dtype):
-    args = make_experts(48, 64, 32, 8, 2, "swiglu", dtype)
+    act = Activation("swiglu")
+    args = make_experts(48, 64, 32, 8, 2, act, dtype)
     out = experts_op(*args, "swiglu")[0]
     assert out.dtype == dtype
-    assert_close(out, reference_experts(*args, "swiglu"), torch.bfloat16, "out")
+    assert_close(out, reference_experts(*args, act), torch.bfloat16, "out")
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("act", [Activation("swiglu"), Activation("gelu"), ACTIVATIONS[-1]], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
-def test_experts_gradcheck(activation, bias):
-    x, ids, weights, w1, w2, b1, b2 = make_experts(5, 6, 4, 3, 2, activation, torch.float64, bias=bias)
+def test_experts_gradcheck(act, bias):
+    x, ids, weights, w1, w2, b1, b2 = make_experts(5, 6, 4, 3, 2, act, torch.float64, bias=bias)
     inputs = [t.detach().requires_grad_() for t in (x, weights.double(), w1, w2) + ((b1, b2) if bias else ())]
 
     def f(x, weights, w1, w2, b1=None, b2=None):
-        return experts_op(x, ids, weights, w1, w2, b1, b2, activation)[0]
+        return experts_op(x, ids, weights, w1, w2, b1, b2, *ARGS[act])[0]
 
     assert torch.autograd.gradcheck(f, inputs)
 
 
 def test_experts_bfloat16_gradients_match_float64():
-    x, ids, weights, w1, w2, b1, b2 = make_experts(40, 32, 16, 8, 2, "swiglu", torch.bfloat16)
+    act = Activation("swiglu")
+    x, ids, weights, w1, w2, b1, b2 = make_experts(40, 32, 16, 8, 2, act, torch.bfloat16)
     grad = torch.randn(x.shape, dtype=torch.bfloat16)
     leaves = [x, weights, w1, w2, b1, b2]
 
@@ -95,11 +73,11 @@ def test_experts_bfloat16_gradients_match_float64():
 
 
 def test_experts_saves_inputs_pre_activation_and_routing_metadata_only():
-    args = make_experts(24, 48, 16, 4, 2, "swiglu", torch.bfloat16, bias=False)
+    args = make_experts(24, 48, 16, 4, 2, Activation("swiglu"), torch.bfloat16, bias=False)
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in args[:5]] + [None, None]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out, h, order, offsets = experts_op(*leaves, "swiglu")
+        experts_op(*leaves, "swiglu")
     inputs = [t for t in leaves if t is not None]
     assert len(saved) == len(inputs) + 3
     assert all(any(s is t for t in inputs) for s in saved[: len(inputs)])
@@ -107,7 +85,7 @@ def test_experts_saves_inputs_pre_activation_and_routing_metadata_only():
 
 
 def test_expert_without_tokens_gets_zero_gradient():
-    x, ids, weights, w1, w2, b1, b2 = make_experts(6, 16, 8, 5, 1, "swiglu", torch.float32)
+    x, ids, weights, w1, w2, b1, b2 = make_experts(6, 16, 8, 5, 1, Activation("swiglu"), torch.float32)
     ids = torch.where(ids == 3, 0, ids)  # nobody routes to expert 3
     w1, w2, b1 = (t.detach().requires_grad_() for t in (w1, w2, b1))
     experts_op(x, ids, weights, w1, w2, b1, b2, "swiglu")[0].sum().backward()
@@ -134,26 +112,57 @@ def test_grouped_mm_paths_agree_with_per_expert_matmul(aligned):
         assert torch.allclose(grad[e].double(), expected, rtol=2e-2, atol=1e-1), f"weight grad of expert {e}"
 
 
-def reference_route(logits, k, renormalize):
-    probs = F.softmax(logits.float(), dim=-1)
-    weights, ids = probs.topk(k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights, ids
+ROUTERS = {  # name -> route options
+    "softmax": dict(renormalize=False),
+    "softmax, renormalised": dict(renormalize=True),
+    "sigmoid, bias, groups, scale (DeepSeek-V3)": dict(
+        renormalize=True, scoring="sigmoid", n_group=4, topk_group=2, scale=2.5, bias=True
+    ),
+    "sigmoid, not renormalised": dict(renormalize=False, scoring="sigmoid"),
+}
 
 
-@pytest.mark.parametrize("renormalize", [True, False])
+def route_args(options: dict, num_experts: int) -> dict:
+    options = dict(options)
+    if options.pop("bias", False):
+        options["bias"] = 0.1 * torch.randn(num_experts)
+    return options
+
+
+def distinct_logits(tokens: int, num_experts: int, dtype) -> torch.Tensor:
+    """Random logits without ties in a row (bf16 rounds many random values onto each other, and
+    ties may be broken either way)."""
+    levels = torch.linspace(-3, 3, num_experts)
+    return torch.stack([levels[torch.randperm(num_experts)] for _ in range(tokens)]).to(dtype)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_route_matches_eager_router(renormalize, dtype):
-    logits = torch.randn(37, 12, dtype=dtype, requires_grad=True)
-    weights, ids = route_op(logits, 3, renormalize)
-    expected_weights, expected_ids = reference_route(logits, 3, renormalize)
+def test_route_matches_reference(router, dtype):
+    logits = distinct_logits(37, 16, dtype).requires_grad_()
+    options = route_args(ROUTERS[router], 16)
+    weights, ids = route_op(logits, 3, **options)
+    expected_weights, expected_ids = reference_route(logits.detach(), 3, **options)
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
-    assert torch.equal(ids.long(), expected_ids) and torch.equal(weights, expected_weights)
-    grad = torch.randn_like(weights)
-    (actual,) = torch.autograd.grad(weights, logits, grad)
-    (expected,) = torch.autograd.grad(expected_weights, logits, grad)
-    assert_close(actual, expected, dtype, "grad of logits")
+    assert torch.equal(ids.long().sort(-1).values, expected_ids.sort(-1).values)
+    assert_close(weights.sort(-1).values, expected_weights.sort(-1).values, torch.float32, "weights")
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_route_gradient_matches_autograd(router):
+    logits = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    options = route_args(ROUTERS[router], 16)
+    # the route op computes in float32: check its gradient against float32 autograd of cpu code
+    _, ids = route_op(logits, 3, **options)
+    grad = torch.randn(6, 3, dtype=torch.float64)
+    (actual,) = torch.autograd.grad(route_op(logits, 3, **options)[0], logits, grad)
+    x = logits.detach().float().requires_grad_()
+    scores = x.softmax(-1) if options.get("scoring", "softmax") == "softmax" else x.sigmoid()
+    picked = scores.gather(-1, ids.long())
+    if options["renormalize"]:
+        picked = picked / picked.sum(-1, keepdim=True)
+    (expected,) = torch.autograd.grad(picked * options.get("scale", 1.0), x, grad.float())
+    assert_close(actual.float(), expected, torch.float32, "grad of logits")
 
 
 BAD_EXPERTS_CALLS = [
@@ -170,24 +179,30 @@ BAD_EXPERTS_CALLS = [
 @pytest.mark.parametrize("message, change", BAD_EXPERTS_CALLS, ids=[m for m, _ in BAD_EXPERTS_CALLS])
 def test_experts_rejects_bad_input(message, change):
     names = ["x", "ids", "weights", "w1", "w2", "b1", "b2"]
-    args = dict(zip(names, make_experts(6, 16, 8, 2, 2, "swiglu", torch.float32)))
+    args = dict(zip(names, make_experts(6, 16, 8, 2, 2, Activation("swiglu"), torch.float32)))
     args.update({name: fn(args[name]) for name, fn in change.items()})
     with pytest.raises(RuntimeError, match=message):
         experts_op(*args.values(), "swiglu")
 
 
 def test_experts_rejects_unknown_activation_and_ids_out_of_range():
-    args = make_experts(6, 16, 8, 4, 2, "swiglu", torch.float32)
+    args = make_experts(6, 16, 8, 4, 2, Activation("swiglu"), torch.float32)
     with pytest.raises(ValueError, match="unknown activation 'mish'"):
         experts_op(*args, "mish")
+    with pytest.raises(ValueError, match="gelu is not gated"):
+        experts_op(*args, "gelu", True)
     ids = args[1].clone()
     ids[2, 1] = 4
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
         experts_op(args[0], ids, *args[2:], "swiglu")
 
 
-def test_route_rejects_bad_k_and_integer_logits():
+def test_route_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match=r"k = 9 must lie in \[1, E = 8\]"):
         route_op(torch.randn(4, 8), 9, True)
     with pytest.raises(RuntimeError, match="logits must be a floating"):
         route_op(torch.ones(4, 8, dtype=torch.int64), 2, True)
+    with pytest.raises(RuntimeError, match="scoring must be one of"):
+        route_op(torch.randn(4, 8), 2, True, "tanh")
+    with pytest.raises(RuntimeError, match="cannot form 3 groups"):
+        route_op(torch.randn(4, 8), 2, True, "sigmoid", None, 3, 1)

@@ -1,3 +1,19 @@
 """Triton kernels for the canonical ops: plain ``@triton.jit`` code with a launch function each,
-importable without Inductor. The CPU path does not need them; the GPU kernels go here.
+importable without Inductor.
+
+    routing         router scores -> top-k weights and ids, and its backward to the logits
+    align           counting sort of (token, slot) pairs by expert, per-expert offsets and tiles
+    grouped_gemm    grouped GEMM over expert-sorted rows: gathered A rows, activation epilogue,
+                    the activation's backward epilogue, per-expert weight gradients
+    unpermute       each token's k expert rows, weighted and summed in float32
+
+They run on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
+in the environment before this package is imported).
 """
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (read once, when kernels are decorated)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -13,6 +13,7 @@ from . import cpu  # noqa: F401
 
 for _op in (
     torch.ops.inductor_moe.route.default,
+    torch.ops.inductor_moe.route_backward.default,
     torch.ops.inductor_moe.experts.default,
     torch.ops.inductor_moe.experts_backward.default,
 ):

@@ -5,55 +5,95 @@ own choice: inputs, the first projection's output, the routing metadata), and th
 backward graphs each receive the traced code. Inductor then fuses the gather, the activation and
 the combine into its C++ kernels around extern ``torch._grouped_mm`` calls. That needs bfloat16
 (``_grouped_mm``'s only dtype under compile on CPU) and 16-byte aligned rows; anything else stays
-one extern call of the op's eager implementation.
+one extern call of the op's implementation (``ops/implementation.py``: the Triton kernels under
+``config.triton_on_cpu``).
 """
 
 import torch
-from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
+from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match, PatternMatcherPass, register_graph_pattern
 from torch.fx import Graph
 
-from ..ops import cpu
-from ..ops.route import route_forward
+from ..ops import cpu, implementation
+from ..ops.activations import Activation
 
 _PASS = PatternMatcherPass(pass_name="inductor_moe_cpu")
+_OPS = torch.ops.inductor_moe
 
 
-def _call(op, arity: int) -> CallFunction:
-    return CallFunction(op, *(Arg() for _ in range(arity)))  # one Arg object per position
-
-
-def _value(match: Match, position: int):
-    node = match.output_node().args[position]
+def _value(node):
     return node.meta["val"] if isinstance(node, torch.fx.Node) else node
 
 
-def _on_cpu(match: Match) -> bool:
-    return _value(match, 0).device.type == "cpu"
+def _bound(op, args, kwargs) -> dict:
+    """The op's arguments by name, defaults filled in (graphs omit defaulted ones)."""
+    schema = op._schema
+    values = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    values.update(zip((a.name for a in schema.arguments), args))
+    values.update(kwargs)
+    return values
 
 
-def _experts_traceable(match: Match, x: int = 0, w1: int = 3) -> bool:
-    return _on_cpu(match) and cpu.compilable(_value(match, x), _value(match, w1), _value(match, w1 + 1))
+def _runs_torch_code(tensor) -> bool:
+    return tensor.device.type == "cpu" and not implementation.uses_kernels(tensor)
 
 
-@register_graph_pattern(_call(torch.ops.inductor_moe.route.default, 3), pass_dict=_PASS, extra_check=_on_cpu)
-def _route(match: Match, *args):
-    match.replace_by_example(route_forward, args)
+def _experts_traceable(x, w1, w2) -> bool:
+    return _runs_torch_code(x) and cpu.compilable(x, w1, w2)
+
+
+def _activation(a: dict) -> Activation:
+    return Activation(a["activation"], a["interleaved"], a["alpha"], a["limit"])
 
 
 @register_graph_pattern(
-    _call(torch.ops.inductor_moe.experts.default, 8), pass_dict=_PASS, extra_check=_experts_traceable
+    CallFunctionVarArgs(_OPS.route.default), pass_dict=_PASS,
+    extra_check=lambda match: _runs_torch_code(_value(match.output_node().args[0])),
 )
-def _experts(match: Match, *args):
-    match.replace_by_example(cpu.experts_forward, args)
+def _route(match: Match, *args, **kwargs):
+    a = _bound(_OPS.route.default, args, kwargs)
+    options = [a[name] for name in ("k", "renormalize", "scoring")]
+    rest = [a[name] for name in ("n_group", "topk_group", "scale")]
+    match.replace_by_example(lambda logits, bias: cpu.route_forward(logits, *options, bias, *rest), [a["logits"], a["bias"]])
 
 
 @register_graph_pattern(
-    _call(torch.ops.inductor_moe.experts_backward.default, 12),
-    pass_dict=_PASS,
-    extra_check=lambda match: _experts_traceable(match, x=1, w1=4),
+    CallFunctionVarArgs(_OPS.route_backward.default), pass_dict=_PASS,
+    extra_check=lambda match: _runs_torch_code(_value(match.output_node().args[1])),
 )
-def _experts_backward(match: Match, *args):
-    match.replace_by_example(cpu.experts_backward, args)
+def _route_backward(match: Match, *args, **kwargs):
+    a = _bound(_OPS.route_backward.default, args, kwargs)
+    options = [a[name] for name in ("renormalize", "scoring", "scale")]
+    match.replace_by_example(
+        lambda grad, logits, ids: cpu.route_backward(grad, logits, ids, *options), [a["grad_weights"], a["logits"], a["ids"]]
+    )
+
+
+def _experts_check(match: Match) -> bool:
+    x, _, _, w1, w2 = (_value(n) for n in match.output_node().args[:5])
+    return _experts_traceable(x, w1, w2)
+
+
+@register_graph_pattern(CallFunctionVarArgs(_OPS.experts.default), pass_dict=_PASS, extra_check=_experts_check)
+def _experts(match: Match, *args, **kwargs):
+    a = _bound(_OPS.experts.default, args, kwargs)
+    act = _activation(a)
+    tensors = [a[name] for name in ("x", "ids", "weights", "w1", "w2", "b1", "b2")]
+    match.replace_by_example(lambda *t: cpu.experts_forward(*t, act), tensors)
+
+
+def _experts_backward_check(match: Match) -> bool:
+    _, x, _, _, w1, w2 = (_value(n) for n in match.output_node().args[:6])
+    return _experts_traceable(x, w1, w2)
+
+
+@register_graph_pattern(
+    CallFunctionVarArgs(_OPS.experts_backward.default), pass_dict=_PASS, extra_check=_experts_backward_check
+)
+def _experts_backward(match: Match, *args, **kwargs):
+    a = _bound(_OPS.experts_backward.default, args, kwargs)
+    act = _activation(a)
+    names = ("grad_out", "x", "ids", "weights", "w1", "w2", "b1", "b2", "h", "order", "offsets")
+    match.replace_by_example(lambda *t: cpu.experts_backward(*t, act), [a[name] for name in names])
 
 
 def decompose(graph: Graph) -> None:

@@ -1,4 +1,4 @@
-"""CPU building blocks of the canonical ops: plain torch calls chosen for speed on CPU.
+"""The canonical ops in plain torch calls, chosen for speed on CPU (and a reference elsewhere).
 
 Functional (no in-place updates) and free of data-dependent shapes on the ``_grouped_mm`` path,
 so the same code serves as the eager implementation and as what the CPU lowering traces into
@@ -12,7 +12,7 @@ the pairs grouped by expert (stable, so deterministic) and ``offsets[e]`` is the
 import torch
 import torch.nn.functional as F
 
-from . import activations
+from .activations import Activation
 
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -123,7 +123,44 @@ def compilable(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and rows_aligned and _grouped_mm_accepts(w1, w2)
 
 
-def experts_forward(x, ids, weights, w1, w2, b1, b2, activation: str):
+def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int, scale: float):
+    """The ``route`` op's computation: (float32 weights, int32 ids); see ops/route.py."""
+    x = logits.float()
+    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    choice = scores if bias is None else scores + bias.float()
+    if n_group > 1:
+        num_tokens, num_experts = choice.shape
+        group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+        kept = group_scores.topk(topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, kept, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), 0.0)
+    ids = torch.topk(choice, k, dim=-1).indices
+    weights = scores.gather(-1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * scale, ids.to(torch.int32)
+
+
+def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float):
+    """Gradient of the logits from the routing weights' gradient."""
+    x = logits.float()
+    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    ids = ids.long()
+    grad = grad_weights.float() * scale
+    if renormalize:
+        # weights = p / s with s = sum(p): dL/dp_j = (g_j - <g, p> / s) / s
+        picked = scores.gather(-1, ids)
+        total = picked.sum(dim=-1, keepdim=True)
+        grad = (grad - (grad * picked).sum(dim=-1, keepdim=True) / total) / total
+    grad_scores = torch.zeros_like(scores).scatter(-1, ids, grad)
+    if scoring == "softmax":
+        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
+    else:
+        grad_logits = grad_scores * scores * (1 - scores)
+    return grad_logits.to(logits.dtype)
+
+
+def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation):
     """The ``experts`` op's computation: (out, h, order, offsets); see ops/experts.py."""
     num_tokens, k = ids.shape
     flat_ids = ids.reshape(-1)
@@ -132,14 +169,14 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, activation: str):
     h = grouped_mm(gather_rows(x, tokens), w1, offsets)
     if b1 is not None:
         h = h + gather_rows(b1, flat_ids[order])
-    y = grouped_mm(activations.forward(activation, h), w2, offsets)
+    y = grouped_mm(act.forward(h), w2, offsets)
     if b2 is not None:
         y = y + gather_rows(b2, flat_ids[order])
     out = unpermute_reduce(y, order, weights, num_tokens).to(x.dtype)
     return out, h, order, offsets
 
 
-def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, activation: str):
+def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act: Activation):
     """Gradients of ``experts`` for (x, weights, w1, w2, b1, b2); empty for an absent bias."""
     num_tokens, k = ids.shape
     num_experts = w1.shape[0]
@@ -147,7 +184,7 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     acc = accumulation_dtype(x.dtype)
     scale = weights.reshape(-1)[order].to(acc).unsqueeze(1)
     grad_rows = gather_rows(grad_out, order // k)
-    a = activations.forward(activation, h)
+    a = act.forward(h)
 
     # d out / d expert output, unscaled, pulled back through w2: (grad @ w2[e]^T).
     grad_a = grouped_mm(grad_rows, w2.transpose(1, 2), offsets)
@@ -159,7 +196,7 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
 
     grad_y = (grad_rows * scale).to(x.dtype)
     grad_w2 = grouped_mm_weight_grad(a, grad_y, offsets, stored_out_in(w2))
-    grad_h = activations.backward(activation, h, (grad_a * scale).to(h.dtype))
+    grad_h = act.backward(h, (grad_a * scale).to(h.dtype))
     grad_w1 = grouped_mm_weight_grad(gather_rows(x, order // k), grad_h, offsets, stored_out_in(w1))
     grad_x = unpermute_reduce(grouped_mm(grad_h, w1.transpose(1, 2), offsets), order, None, num_tokens)
 

@@ -3,6 +3,9 @@
     out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])
     expert_e(v) = act(v @ w1[e] + b1[e]) @ w2[e] + b2[e]
 
+``act`` is named by ``activation`` (ops/activations.py), with ``interleaved`` gate and up columns
+and gpt-oss's ``alpha`` and ``limit`` where they apply.
+
 Shapes: x ``[T, H]``; ids and weights ``[T, k]``; w1 ``[E, H, N]`` (N = 2I for a gated
 activation, else I); w2 ``[E, I, H]``; b1 ``[E, N]``, b2 ``[E, H]`` or None. Weights stored as
 ``[E, out, in]`` are passed as a transposed view: only the logical layout is fixed. The combine
@@ -19,12 +22,13 @@ gathered copies of x, the activation output and the expert outputs are recompute
 import torch
 from torch import Tensor
 
-from . import activations, cpu
+from . import implementation
+from .activations import Activation
+from .cpu import stored_out_in
 
 
-def _check(x, ids, weights, w1, w2, b1, b2, activation) -> None:
+def _check(x, ids, weights, w1, w2, b1, b2, act: Activation) -> None:
     """Clear errors for malformed calls; runs on real and fake tensors (no data access)."""
-    activations.check(activation)
     torch._check(x.dim() == 2, lambda: f"inductor_moe.experts: x must be [T, H], got {tuple(x.shape)}")
     torch._check(x.is_floating_point(), lambda: f"inductor_moe.experts: x must be floating, got {x.dtype}")
     torch._check(
@@ -45,15 +49,15 @@ def _check(x, ids, weights, w1, w2, b1, b2, activation) -> None:
         lambda: f"inductor_moe.experts: w1, w2 must be [E, in, out], got {tuple(w1.shape)}, {tuple(w2.shape)}",
     )
     num_experts, hidden, width = w1.shape
-    inner = width // 2 if activations.is_gated(activation) else width
+    inner = width // 2 if act.gated else width
     torch._check(
         hidden == x.shape[1] and tuple(w2.shape) == (num_experts, inner, hidden),
         lambda: f"inductor_moe.experts: with x {tuple(x.shape)} and w1 {tuple(w1.shape)} "
-        f"({activation}) w2 must be {(num_experts, inner, hidden)}, got {tuple(w2.shape)}",
+        f"({act.name}) w2 must be {(num_experts, inner, hidden)}, got {tuple(w2.shape)}",
     )
     torch._check(
-        not activations.is_gated(activation) or width % 2 == 0,
-        lambda: f"inductor_moe.experts: gated activation {activation} needs an even w1 width, got {width}",
+        not act.gated or width % 2 == 0,
+        lambda: f"inductor_moe.experts: gated activation {act.name} needs an even w1 width, got {width}",
     )
     torch._check(
         ids.shape[1] <= num_experts,
@@ -97,15 +101,19 @@ def experts(
     b1: Tensor | None,
     b2: Tensor | None,
     activation: str,
+    interleaved: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check(x, ids, weights, w1, w2, b1, b2, activation)
+    act = Activation(activation, interleaved, alpha, limit)
+    _check(x, ids, weights, w1, w2, b1, b2, act)
     _check_ids_in_range(ids, w1.shape[0])
-    return cpu.experts_forward(x, ids, weights, w1, w2, b1, b2, activation)
+    return implementation.of(x).experts_forward(x, ids, weights, w1, w2, b1, b2, act)
 
 
 @experts.register_fake
-def _(x, ids, weights, w1, w2, b1, b2, activation):
-    _check(x, ids, weights, w1, w2, b1, b2, activation)
+def _(x, ids, weights, w1, w2, b1, b2, activation, interleaved=False, alpha=1.702, limit=7.0):
+    _check(x, ids, weights, w1, w2, b1, b2, Activation(activation, interleaved, alpha, limit))
     pairs = ids.shape[0] * ids.shape[1]
     return (
         x.new_empty(x.shape),
@@ -129,24 +137,28 @@ def experts_backward(
     order: Tensor,
     offsets: Tensor,
     activation: str,
+    interleaved: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, weights, w1, w2, b1, b2); a bias gradient is empty when the bias is None."""
-    return cpu.experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, activation)
+    act = Activation(activation, interleaved, alpha, limit)
+    return implementation.of(x).experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act)
 
 
 @experts_backward.register_fake
-def _(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, activation):
+def _(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *activation):
     def like(t):
         return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
     def weight_grad(w):  # the layout of the weight's storage, as the real implementation returns
-        return w.new_empty(w.shape[0], w.shape[2], w.shape[1]).transpose(1, 2) if cpu.stored_out_in(w) else like(w)
+        return w.new_empty(w.shape[0], w.shape[2], w.shape[1]).transpose(1, 2) if stored_out_in(w) else like(w)
 
     return like(x), like(weights), weight_grad(w1), weight_grad(w2), like(b1), like(b2)
 
 
 def _setup_context(ctx, inputs, output):
-    x, ids, weights, w1, w2, b1, b2, activation = inputs
+    x, ids, weights, w1, w2, b1, b2, *activation = inputs
     _, h, order, offsets = output
     ctx.save_for_backward(x, ids, weights, w1, w2, b1, b2, h, order, offsets)
     ctx.activation = activation
@@ -155,18 +167,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_h, _grad_order, _grad_offsets):
     x, ids, weights, w1, w2, b1, b2, h, order, offsets = ctx.saved_tensors
     grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2 = experts_backward(
-        grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, ctx.activation
+        grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *ctx.activation
     )
-    return (
-        grad_x,
-        None,
-        grad_weights,
-        grad_w1,
-        grad_w2,
-        None if b1 is None else grad_b1,
-        None if b2 is None else grad_b2,
-        None,
-    )
+    no_grads = [None] * len(ctx.activation)
+    grad_b1, grad_b2 = (None if b is None else grad for b, grad in ((b1, grad_b1), (b2, grad_b2)))
+    return (grad_x, None, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, *no_grads)
 
 
 experts.register_autograd(_backward, setup_context=_setup_context)

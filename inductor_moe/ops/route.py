@@ -1,68 +1,89 @@
 """``inductor_moe::route``: router logits -> top-k routing weights and expert ids.
 
-    probs = softmax(float32(logits), -1); weights, ids = topk(probs, k)
-    weights /= weights.sum(-1, keepdim=True)       (if renormalize)
+    scores = softmax(float32(logits), -1)  or  sigmoid(float32(logits))       (scoring)
+    choice = scores + bias                          (bias: a score correction for selection only)
+    with n_group > 1: only the topk_group groups of E / n_group experts with the largest sum of
+        their two best choices stay candidates; the others' choice becomes 0 (DeepSeek-V3)
+    ids = top-k of choice;  weights = scores[ids]
+    weights = scale * weights / weights.sum(-1)    (renormalize)  or  scale * weights
 
-Returns float32 weights and int32 ids, ``[..., k]``. The selection is the one eager's float32
-softmax and ``torch.topk`` make. Autograd saves the logits and both outputs; the backward
-recomputes the softmax (``[..., E]``, cheap) rather than keeping it.
+Returns float32 weights and int32 ids, ``[T, k]`` for logits ``[T, E]``. Softmax then top-k with
+renormalisation also equals top-k of the logits then softmax. Autograd saves the logits and the
+ids; the backward (``route_backward``) recomputes the scores rather than keeping them.
 """
 
 import torch
 from torch import Tensor
 
+from . import implementation
 
-def _check(logits: Tensor, k: int) -> None:
+SCORINGS = ("softmax", "sigmoid")
+
+
+def _check(logits: Tensor, k: int, scoring: str, bias: Tensor | None, n_group: int, topk_group: int) -> None:
     torch._check(
-        logits.is_floating_point() and logits.dim() >= 1,
-        lambda: f"inductor_moe.route: logits must be a floating [..., E] tensor, got {logits.dtype} {tuple(logits.shape)}",
+        logits.is_floating_point() and logits.dim() == 2,
+        lambda: f"inductor_moe.route: logits must be a floating [T, E] tensor, got {logits.dtype} {tuple(logits.shape)}",
+    )
+    num_experts = logits.shape[1]
+    torch._check(1 <= k <= num_experts, lambda: f"inductor_moe.route: k = {k} must lie in [1, E = {num_experts}]")
+    torch._check(scoring in SCORINGS, lambda: f"inductor_moe.route: scoring must be one of {SCORINGS}, got {scoring!r}")
+    torch._check(
+        bias is None or (tuple(bias.shape) == (num_experts,) and bias.device == logits.device),
+        lambda: f"inductor_moe.route: bias must be [E = {num_experts}] on {logits.device}",
     )
     torch._check(
-        1 <= k <= logits.shape[-1],
-        lambda: f"inductor_moe.route: k = {k} must lie in [1, E = {logits.shape[-1]}]",
+        n_group >= 1 and num_experts % n_group == 0 and 1 <= topk_group <= n_group
+        and (n_group == 1 or num_experts // n_group >= 2),
+        lambda: f"inductor_moe.route: {num_experts} experts cannot form {n_group} groups of at least 2 "
+        f"with {topk_group} kept",
     )
-
-
-def route_forward(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
 
 
 @torch.library.custom_op("inductor_moe::route", mutates_args=())
-def route(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    _check(logits, k)
-    return route_forward(logits, k, renormalize)
+def route(
+    logits: Tensor,
+    k: int,
+    renormalize: bool,
+    scoring: str = "softmax",
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    _check(logits, k, scoring, bias, n_group, topk_group)
+    return implementation.of(logits).route_forward(logits, k, renormalize, scoring, bias, n_group, topk_group, scale)
 
 
 @route.register_fake
-def _(logits, k, renormalize):
-    _check(logits, k)
-    shape = (*logits.shape[:-1], k)
+def _(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0):
+    _check(logits, k, scoring, bias, n_group, topk_group)
+    shape = (logits.shape[0], k)
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
 
 
+@torch.library.custom_op("inductor_moe::route_backward", mutates_args=())
+def route_backward(
+    grad_weights: Tensor, logits: Tensor, ids: Tensor, renormalize: bool, scoring: str, scale: float
+) -> Tensor:
+    """Gradient of the logits from the weights' gradient (the bias and the selection get none)."""
+    return implementation.of(logits).route_backward(grad_weights, logits, ids, renormalize, scoring, scale)
+
+
+@route_backward.register_fake
+def _(grad_weights, logits, ids, renormalize, scoring, scale):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
 def _setup_context(ctx, inputs, output):
-    logits, _, renormalize = inputs
-    weights, ids = output
-    ctx.save_for_backward(logits, weights, ids)
-    ctx.renormalize = renormalize
+    logits, _, renormalize, scoring, _, _, _, scale = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.options = renormalize, scoring, scale
 
 
 def _backward(ctx, grad_weights, _grad_ids):
-    logits, weights, ids = ctx.saved_tensors
-    ids = ids.long()
-    probs = torch.softmax(logits.float(), dim=-1)
-    grad = grad_weights.float()
-    if ctx.renormalize:
-        # weights = p / s with s = sum(p): dL/dp_j = (g_j - <g, weights>) / s
-        total = probs.gather(-1, ids).sum(dim=-1, keepdim=True)
-        grad = (grad - (grad * weights).sum(dim=-1, keepdim=True)) / total
-    grad_probs = torch.zeros_like(probs).scatter(-1, ids, grad)
-    grad_logits = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
-    return grad_logits.to(logits.dtype), None, None
+    logits, ids = ctx.saved_tensors
+    return route_backward(grad_weights, logits, ids, *ctx.options), None, None, None, None, None, None, None
 
 
 route.register_autograd(_backward, setup_context=_setup_context)

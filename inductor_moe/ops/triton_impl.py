@@ -1,0 +1,61 @@
+"""The canonical ops on the Triton kernels of ``inductor_moe.kernels`` (see ops/implementation.py).
+
+Same contracts as the torch code in ops/cpu.py: same outputs, same saved tensors, weight
+gradients in their weight's storage layout.
+"""
+
+import torch
+
+from ..kernels import align, grouped_gemm, routing, unpermute
+from .activations import Activation
+from .cpu import stored_out_in
+
+
+def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int, scale: float):
+    return routing.route(logits, k, renormalize, scoring == "sigmoid", bias, n_group, topk_group, scale)
+
+
+def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float):
+    return routing.route_backward(grad_weights, logits, ids, renormalize, scoring == "sigmoid", scale)
+
+
+def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation):
+    num_tokens, k = ids.shape
+    order, inverse, token_of_row, offsets = align.align(ids, w1.shape[0])
+    a, h = grouped_gemm.gemm(x, w1, offsets, a_rows=token_of_row, bias=b1, activation=act, store_h=True)
+    y, _ = grouped_gemm.gemm(a, w2, offsets, bias=b2)
+    out = unpermute.unpermute_reduce(y, inverse, weights, num_tokens, k, out_dtype=x.dtype)
+    return out, h, order.long(), offsets
+
+
+def _like_storage(weight: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like ``weight`` and laid out like its storage."""
+    if stored_out_in(weight):
+        return weight.new_empty(weight.shape[0], weight.shape[2], weight.shape[1]).transpose(1, 2)
+    return weight.new_empty(weight.shape)
+
+
+def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act: Activation):
+    num_tokens, k = ids.shape
+    num_experts = w1.shape[0]
+    grad_out = grad_out.contiguous()
+    _, inverse, token_of_row, _ = align.align(ids, num_experts)  # the same sort as the forward's
+    scale = weights.reshape(-1)[order].float()
+    grad_h, partial = grouped_gemm.gemm_act_backward(grad_out, token_of_row, w2.transpose(1, 2), offsets, h, scale, act)
+    grad_scale = partial.sum(dim=1)
+    if b2 is not None:  # the bias's share of each expert output: <grad_t, b2[e]>
+        expert_of_row = ids.reshape(-1)[order]
+        grad_scale += (grad_out[token_of_row.long()].float() * b2[expert_of_row].float()).sum(dim=-1)
+    grad_weights = grad_scale[inverse.long()].view(num_tokens, k).to(weights.dtype)
+
+    grad_w2, grad_b2 = _like_storage(w2), None if b2 is None else torch.empty_like(b2)
+    grouped_gemm.weight_grad(
+        h, grad_out, offsets, grad_w2, a_activation=act, b_rows=token_of_row, scale=scale, bias_grad=grad_b2
+    )
+    grad_w1, grad_b1 = _like_storage(w1), None if b1 is None else torch.empty_like(b1)
+    grouped_gemm.weight_grad(x, grad_h, offsets, grad_w1, a_rows=token_of_row, bias_grad=grad_b1)
+    grad_x_rows, _ = grouped_gemm.gemm(grad_h, w1.transpose(1, 2), offsets)
+    grad_x = unpermute.unpermute_reduce(grad_x_rows, inverse, None, num_tokens, k, out_dtype=x.dtype)
+    no_bias = x.new_empty(0), x.new_empty(0)  # distinct: outputs must not alias
+    return (grad_x, grad_weights, grad_w1, grad_w2, no_bias[0] if b1 is None else grad_b1,
+            no_bias[1] if b2 is None else grad_b2)

@@ -1,0 +1,258 @@
+"""Triton kernels against float64 references: on CUDA when there is one, else on CPU under
+Triton's interpreter (conftest turns it on). Every kernel writes into poisoned memory, so a
+value it forgets to write shows up as NaN."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_close, assert_matches_eager
+from references import make_experts, reference_experts, reference_route
+
+import inductor_moe
+from inductor_moe import models
+from inductor_moe.kernels import align, grouped_gemm, routing, unpermute
+from inductor_moe.ops.activations import Activation
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32 tolerances: a GPU's float32 products differ from float64 by more than a CPU's
+EXACT = torch.float32
+LOW = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """New tensors start as NaN (floats) or -7 (integers) instead of whatever memory held."""
+
+    def poison(tensor):
+        return tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
+
+    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _original=original, **k: poison(_original(*a, **k)))
+
+
+# --- routing ------------------------------------------------------------------------------------
+
+ROUTERS = {
+    "softmax": dict(renormalize=False),
+    "softmax, renormalised": dict(renormalize=True),
+    "sigmoid, bias, groups, scale": dict(renormalize=True, sigmoid=True, n_group=8, topk_group=3, scale=2.5, bias=True),
+    "sigmoid, groups of 2": dict(renormalize=False, sigmoid=True, n_group=4, topk_group=1),
+}
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("tokens, experts, k", [(1, 8, 1), (37, 16, 2), (20, 64, 8), (70, 32, 4)])
+def test_route_kernel(router, tokens, experts, k):
+    options = dict(ROUTERS[router])
+    if options.get("n_group", 1) > experts // 2 or options.get("topk_group", 1) * experts // options.get("n_group", 1) < k:
+        pytest.skip("not enough experts in the kept groups")
+    bias = 0.1 * torch.randn(experts, device=DEVICE) if options.pop("bias", False) else None
+    logits = torch.randn(tokens, experts, device=DEVICE)
+    weights, ids = routing.route(logits, k, bias=bias, **options)
+    sigmoid = options.pop("sigmoid", False)
+    expected_weights, expected_ids = reference_route(logits.cpu(), k, scoring="sigmoid" if sigmoid else "softmax",
+                                                     bias=None if bias is None else bias.cpu(), **options)
+    assert torch.equal(ids.cpu().long(), expected_ids), "ids (best first, ties to the lowest index)"
+    assert_close(weights.cpu(), expected_weights, EXACT, "weights")
+
+    grad = torch.randn(tokens, k, device=DEVICE)
+    x = logits.cpu().double().requires_grad_()
+    scores = x.sigmoid() if sigmoid else x.softmax(-1)
+    picked = scores.gather(-1, ids.cpu().long())
+    if options["renormalize"]:
+        picked = picked / picked.sum(-1, keepdim=True)
+    (expected,) = torch.autograd.grad(picked * options.get("scale", 1.0), x, grad.cpu().double())
+    actual = routing.route_backward(grad, logits, ids, options["renormalize"], sigmoid, options.get("scale", 1.0))
+    assert_close(actual.cpu(), expected, EXACT, "grad of logits")
+
+
+# --- align --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens, k, experts", [(1, 1, 1), (1, 2, 4), (37, 2, 8), (100, 8, 64), (33, 3, 5)])
+def test_align(tokens, k, experts):
+    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)]).to(DEVICE)
+    order, inverse, token_of_row, offsets = align.align(ids, experts)
+    flat = ids.reshape(-1).cpu()
+    expected_order = torch.argsort(flat, stable=True)  # stable: pairs keep their order in an expert
+    assert torch.equal(order.cpu().long(), expected_order)
+    assert torch.equal(inverse.cpu().long()[expected_order], torch.arange(tokens * k))
+    assert torch.equal(token_of_row.cpu().long(), expected_order // k)
+    counts = torch.bincount(flat, minlength=experts)
+    assert torch.equal(offsets.cpu(), counts.cumsum(0).int())
+    for block in (16, 64):
+        tiles = align.tile_starts(offsets, block).cpu()
+        assert torch.equal(tiles, torch.cat([torch.zeros(1), ((counts + block - 1) // block).cumsum(0)]).int())
+        assert tiles[-1] <= align.max_tiles(tokens * k, experts, block)
+
+
+# --- grouped GEMMs ------------------------------------------------------------------------------
+
+EPILOGUES = [None, *(Activation(n) for n in ("silu", "gelu", "gelu_tanh", "relu", "swiglu", "geglu", "geglu_tanh", "reglu")),
+             Activation("swiglu", interleaved=True), Activation("swiglu_oai", interleaved=True, limit=1.0)]
+
+
+def sorted_rows(tokens, k, experts):
+    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)]).to(DEVICE)
+    order, inverse, token_of_row, offsets = align.align(ids, experts)
+    return ids.reshape(-1)[order.long()].cpu(), inverse, token_of_row, offsets
+
+
+def expert_weights(experts, fan_in, fan_out, dtype, out_in):
+    w = torch.randn(experts, *((fan_out, fan_in) if out_in else (fan_in, fan_out)), dtype=dtype, device=DEVICE)
+    return (w * fan_in**-0.5).transpose(1, 2) if out_in else w * fan_in**-0.5
+
+
+@pytest.mark.parametrize("act", EPILOGUES, ids=str)
+@pytest.mark.parametrize("dtype, out_in, bias", [(torch.float32, True, True), (torch.bfloat16, False, False), (torch.float16, True, False)])
+def test_gemm(act, dtype, out_in, bias):
+    tokens, k, experts, hidden, inner = 29, 3, 6, 40, 24
+    width = 2 * inner if act is not None and act.gated else inner
+    experts_of_row, _, token_of_row, offsets = sorted_rows(tokens, k, experts)
+    x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
+    w = expert_weights(experts, hidden, width, dtype, out_in)
+    b = 0.1 * torch.randn(experts, width, dtype=dtype, device=DEVICE) if bias else None
+    out, h = grouped_gemm.gemm(x, w, offsets, a_rows=token_of_row, bias=b, activation=act, store_h=act is not None)
+    expected_h = torch.einsum("rk,rkn->rn", x.cpu()[token_of_row.cpu().long()].double(), w.cpu()[experts_of_row].double())
+    if bias:
+        expected_h += b.cpu()[experts_of_row].double()
+    assert_close(out.cpu(), expected_h if act is None else act.forward(expected_h), LOW[dtype], "output")
+    if act is not None:
+        assert_close(h.cpu(), expected_h, LOW[dtype], "stored pre-activation")
+
+
+@pytest.mark.parametrize("act", EPILOGUES[1:], ids=str)
+@pytest.mark.parametrize("dtype, out_in", [(torch.float32, False), (torch.bfloat16, True)])
+def test_gemm_act_backward(act, dtype, out_in):
+    tokens, k, experts, hidden, inner = 23, 2, 5, 32, 24
+    width = 2 * inner if act.gated else inner
+    experts_of_row, _, token_of_row, offsets = sorted_rows(tokens, k, experts)
+    rows = tokens * k
+    grad_out = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
+    w2 = expert_weights(experts, inner, hidden, dtype, out_in)  # [E, I, H]
+    h = torch.randn(rows, width, dtype=dtype, device=DEVICE)
+    scale = torch.rand(rows, device=DEVICE)
+    grad_h, partial = grouped_gemm.gemm_act_backward(grad_out, token_of_row, w2.transpose(1, 2), offsets, h, scale, act)
+    unscaled = torch.einsum("rh,rih->ri", grad_out.cpu()[token_of_row.cpu().long()].double(), w2.cpu()[experts_of_row].double())
+    h64 = h.cpu().double().requires_grad_()
+    activated = act.forward(h64)
+    (expected,) = torch.autograd.grad(activated, h64, unscaled * scale.cpu().double()[:, None])
+    assert_close(grad_h.cpu(), expected, LOW[dtype], "grad of h")
+    assert_close(partial.sum(1).cpu(), (unscaled * activated.detach()).sum(1), LOW[dtype], "routing-weight grad")
+
+
+@pytest.mark.parametrize("dtype, out_in", [(torch.float32, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("prologue", ["gathered rows", "activation", "activation, interleaved"])
+def test_weight_grad(dtype, out_in, prologue):
+    tokens, k, experts, hidden, inner = 31, 2, 7, 24, 16
+    experts_of_row, _, token_of_row, offsets = sorted_rows(tokens, k, experts)
+    rows = tokens * k
+    grad_rows = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)  # gathered by token, scaled
+    scale = torch.rand(rows, device=DEVICE)
+    tok = token_of_row.cpu().long()
+    b_rows = grad_rows.cpu()[tok].double() * scale.cpu().double()[:, None]
+    if prologue == "gathered rows":
+        a, a_rows, act = torch.randn(tokens, inner, dtype=dtype, device=DEVICE), token_of_row, None
+        a_rows_ref = a.cpu()[tok].double()
+    else:
+        act = Activation("swiglu_oai", interleaved=True, limit=1.0) if "interleaved" in prologue else Activation("geglu")
+        a, a_rows = torch.randn(rows, 2 * inner, dtype=dtype, device=DEVICE), None
+        a_rows_ref = act.forward(a.cpu().double())
+    out = (torch.empty(experts, hidden, inner, dtype=dtype, device=DEVICE).transpose(1, 2) if out_in
+           else torch.empty(experts, inner, hidden, dtype=dtype, device=DEVICE))
+    bias_grad = torch.empty(experts, hidden, dtype=dtype, device=DEVICE)
+    grouped_gemm.weight_grad(a, grad_rows, offsets, out, a_rows=a_rows, a_activation=act, b_rows=token_of_row,
+                             scale=scale, bias_grad=bias_grad)
+    expected = torch.zeros(experts, inner, hidden, dtype=torch.float64).index_add_(
+        0, experts_of_row, a_rows_ref[:, :, None] * b_rows[:, None, :])
+    assert_close(out.cpu(), expected, LOW[dtype], "weight grad")
+    expected_bias = torch.zeros(experts, hidden, dtype=torch.float64).index_add_(0, experts_of_row, b_rows)
+    assert_close(bias_grad.cpu(), expected_bias, LOW[dtype], "bias grad")
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("tokens, k, width", [(1, 1, 8), (37, 4, 40), (64, 8, 24)])
+def test_unpermute_reduce(weighted, tokens, k, width):
+    _, inverse, _, _ = sorted_rows(tokens, k, 8)
+    rows = torch.randn(tokens * k, width, dtype=torch.bfloat16, device=DEVICE)
+    weights = torch.rand(tokens, k, device=DEVICE) if weighted else None
+    out = unpermute.unpermute_reduce(rows, inverse, weights, tokens, k, out_dtype=torch.float32)
+    per_token = rows.cpu().double()[inverse.cpu().long()].view(tokens, k, width)
+    expected = (per_token * (weights.cpu().double()[..., None] if weighted else 1)).sum(1)
+    assert_close(out.cpu(), expected, EXACT, "sums")
+
+
+# --- the ops on the kernels ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", [Activation("swiglu"), Activation("gelu"), Activation("swiglu_oai", interleaved=True, limit=1.0)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 16, 8, 4, 1), (33, 40, 24, 6, 3), (20, 32, 16, 64, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_op_on_kernels(act, shape, dtype):
+    """Forward and every gradient of the experts op on the kernels against float64 references,
+    as close as the torch code in the same dtype (4x its error, or the dtype's tolerance)."""
+    if dtype != torch.float32 and act.name == "swiglu_oai":
+        act = dataclasses.replace(act, limit=7.0)  # rounding the kept pre-activation would flip clamps
+    names = ("x", "ids", "weights", "w1", "w2", "b1", "b2")
+    operands = dict(zip(names, make_experts(*shape, act, dtype, bias=shape[0] > 1, out_in=shape[1] == 40, device=DEVICE)))
+    grad = torch.randn(operands["x"].shape, dtype=dtype, device=DEVICE)
+
+    def forward_backward(device, cast=lambda t: t, on_kernels=False, reference=False):
+        leaves = {n: cast(t.to(device)).detach().requires_grad_() for n, t in operands.items() if n != "ids" and t is not None}
+        args = [leaves["x"], operands["ids"].to(device), *(leaves.get(n) for n in names[2:])]
+        with inductor_moe.config.patch(triton_on_cpu=on_kernels):
+            out = reference_experts(*args, act) if reference else torch.ops.inductor_moe.experts(
+                *args, act.name, act.interleaved, act.alpha, act.limit)[0]
+            grads = torch.autograd.grad(out, list(leaves.values()), cast(grad.to(device)))
+        return {"out": out.detach(), **dict(zip(leaves, grads))}
+
+    kernels = forward_backward(DEVICE, on_kernels=True)
+    torch_code = forward_backward("cpu")
+    reference = forward_backward("cpu", torch.Tensor.double, reference=True)
+    for name, expected in reference.items():
+        if name != "out":
+            assert kernels[name].stride() == operands[name].stride(), f"layout of the grad of {name}"
+        bound = 4 * (torch_code[name].double() - expected).norm().item()
+        assert_close(kernels[name].cpu(), expected, LOW[dtype], name, bound)
+
+
+def test_route_op_on_kernels():
+    logits = torch.randn(19, 32, device=DEVICE, requires_grad=True)
+    bias = 0.1 * torch.randn(32, device=DEVICE)
+    options = dict(renormalize=True, scoring="sigmoid", bias=bias, n_group=4, topk_group=2, scale=2.0)
+    with inductor_moe.config.patch(triton_on_cpu=True):
+        weights, ids = torch.ops.inductor_moe.route(logits, 4, **options)
+        (grad,) = torch.autograd.grad(weights.sum(), logits)
+    expected_weights, expected_ids = torch.ops.inductor_moe.route(logits, 4, **options)
+    (expected_grad,) = torch.autograd.grad(expected_weights.sum(), logits)
+    assert torch.equal(ids.sort(-1).values, expected_ids.sort(-1).values)
+    assert_close(weights.sort(-1).values, expected_weights.sort(-1).values, EXACT, "weights")
+    assert_close(grad, expected_grad, EXACT, "grad of logits")
+
+
+def test_compiled_model_on_kernels_matches_eager():
+    """torch.compile + inductor_moe, its ops on the kernels (interpreted on CPU), against eager."""
+    cfg = models.MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2, bias=True)
+    model = models.DenseLoop(cfg).to(device=DEVICE)
+    with inductor_moe.config.patch(triton_on_cpu=True):
+        assert_matches_eager(model, torch.compile(model), torch.randn(13, cfg.hidden, device=DEVICE))
+    assert torch._dynamo.utils.counters["inductor_moe"]["dense_loop_experts"] == 1
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="compiled and run for real on this machine's GPU")
+def test_kernels_compile_for_gpus():
+    """The kernels compile to GPU code for Hopper and Ampere (Triton's own ptxas, no GPU needed).
+
+    In a separate process: under the interpreter, kernels are not compilable objects."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import kernel_builds; kernel_builds.compile_all()"],
+        cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compiled" in result.stdout, result.stdout
