@@ -15,6 +15,7 @@ import time
 import torch
 import triton
 
+from inductor_moe import benchmark
 from inductor_moe.kernels import align, grouped_gemm, routing, unpermute
 from inductor_moe.ops.activations import Activation
 
@@ -39,17 +40,6 @@ def median_ms(fn) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-def roofline(device, dtype) -> dict:
-    """This device's dense matmul TFLOP/s and copy GB/s, measured now."""
-    size = 8192 if device == "cuda" else 256
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    matmul_ms = median_ms(lambda: a @ b)
-    src = torch.empty(1 << (30 if device == "cuda" else 20), device=device, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src))
-    return {"matmul_tflops": 2 * size**3 / matmul_ms / 1e9, "copy_gbps": 2 * src.numel() / copy_ms / 1e6}
 
 
 def row(name, shape, impl, ms, flops=0, bytes_moved=0, peak=None):
@@ -107,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
-    peak = roofline(device, dtype)
+    peak = benchmark.roofline(device)
     print(f"roofline: {peak['matmul_tflops']:.0f} TFLOP/s dense bf16 matmul, {peak['copy_gbps']:.0f} GB/s copy")
     results = []
     for shape in SMOKE_SHAPES if args.smoke else SHAPES:

@@ -22,13 +22,16 @@ from . import models
 IMPLS = ("eager", "torch.compile", "inductor_moe")
 
 
-def variants(model: torch.nn.Module) -> dict:
+def variants(model: torch.nn.Module, max_autotune: bool = False) -> dict:
+    """Eager, stock torch.compile and torch.compile + inductor_moe (in max-autotune if asked)."""
+    extra = {"max_autotune": True} if max_autotune else {}
+    suffix = " max-autotune" if max_autotune else ""
     return {
         "eager": model,
         # Distinct options keep dynamo from reusing one compile's code for the other, and leave
         # inductor_moe's pass out of this one: stock torch.compile.
-        "torch.compile": torch.compile(model, options={"pre_grad_custom_pass": None}),
-        "inductor_moe": torch.compile(model),
+        "torch.compile" + suffix: torch.compile(model, options={"pre_grad_custom_pass": None, **extra}),
+        "inductor_moe" + suffix: torch.compile(model, options=extra),
     }
 
 
@@ -43,33 +46,52 @@ def _step(model, fn, x: torch.Tensor, backward: bool):
     return train_step
 
 
-def measure(model: torch.nn.Module, x: torch.Tensor, *, backward: bool = False, rounds: int = 20):
-    """(median ms per implementation, inductor_moe's rewrites) for ``model(x)`` (and backward)."""
+def measure(model: torch.nn.Module, x: torch.Tensor, *, backward: bool = False, rounds: int = 20, fns=None):
+    """(median ms, peak memory GB, inductor_moe's rewrites) per implementation of ``model(x)``
+    (and backward); ``fns`` defaults to ``variants(model)``."""
     x = x.detach().requires_grad_(backward)
-    steps, rewrites = {}, {}
+    steps, rewrites, peaks = {}, {}, {}
+    cuda = x.device.type == "cuda"
     # every compile runs the pass: a cache hit would skip it and its counters
     with torch._inductor.config.patch(force_disable_caches=True), torch.set_grad_enabled(backward):
-        for name, fn in variants(model).items():
+        for name, fn in (fns or variants(model)).items():
             before = dict(counters["inductor_moe"])
             steps[name] = _step(model, fn, x, backward)
             steps[name]()  # compile and warm up
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             steps[name]()
-            if name == "inductor_moe":
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            if name.startswith("inductor_moe"):
                 rewrites = {k: v - before.get(k, 0) for k, v in counters["inductor_moe"].items() if v > before.get(k, 0)}
-        return _interleaved(steps, rounds), rewrites
+        return _interleaved(steps, rounds, torch.cuda.synchronize if cuda else lambda: None), peaks, rewrites
 
 
-def _interleaved(steps: dict, rounds: int, block: int = 6, skip: int = 2) -> dict:
+def _interleaved(steps: dict, rounds: int, synchronize, block: int = 6, skip: int = 2) -> dict:
     """Median ms of each step, the steps taking turns in blocks whose first calls are not counted."""
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             for call in range(block):
+                synchronize()
                 start = time.perf_counter()
                 step()
+                synchronize()
                 if call >= skip:
                     times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def roofline(device: str) -> dict:
+    """This device's dense bf16 matmul TFLOP/s and copy GB/s (read plus write), measured now."""
+    size = 8192 if device == "cuda" else 512
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    src = torch.empty(1 << (30 if device == "cuda" else 24), device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    medians = _interleaved({"matmul": lambda: a @ b, "copy": lambda: dst.copy_(src)}, 3, sync)
+    return {"matmul_tflops": 2 * size**3 / medians["matmul"] / 1e9, "copy_gbps": 2 * src.numel() / medians["copy"] / 1e6}
 
 
 def _cpu_name() -> str:
@@ -145,7 +167,7 @@ def run(styles: list[str], args) -> list[dict]:
         x = torch.randn(args.tokens, args.hidden, dtype=dtype)
         if style.startswith("transformers_"):
             x = x.view(1, args.tokens, args.hidden)
-        medians, rewrites = measure(model, x, backward=args.backward, rounds=args.rounds)
+        medians, _, rewrites = measure(model, x, backward=args.backward, rounds=args.rounds)
         print(f"{style}: inductor_moe rewrote {rewrites or 'nothing'}")
         all_rows += rows(style, shape, medians, flops)
         all_rewrites[style] = rewrites

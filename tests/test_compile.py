@@ -166,3 +166,27 @@ def test_training_keeps_no_gathered_rows_or_activations():
     pairs = 24 * cfg.top_k
     assert (pairs, 2 * cfg.intermediate) in saved
     assert (pairs, cfg.hidden) not in saved and (pairs, cfg.intermediate) not in saved, saved
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune"])
+def test_cpu_output_code_has_grouped_gemms_and_no_host_sync(mode):
+    """bf16 on CPU: the ops become Inductor's C++ around extern torch._grouped_mm calls; the
+    torch.where loop's nonzero is gone. No .item()/.tolist() anywhere in the compiled code."""
+    model = models.MaskedLoop(models.MoEConfig()).bfloat16()
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        out, (code,) = run_and_get_code(torch.compile(model, mode=None if mode == "default" else mode), x)
+        expected = model(x)
+    assert code.count("extern_kernels._grouped_mm(") == 2, code
+    for sync in ("nonzero", ".item()", ".tolist()", "inductor_moe.experts.default("):
+        assert sync not in code, sync
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_output_code_calls_the_op_where_grouped_mm_cannot_compile():
+    """float32 on CPU (torch._grouped_mm compiles for bf16 only): one extern call of the op."""
+    model = models.DenseLoop(models.MoEConfig())
+    with torch.no_grad():
+        _, (code,) = run_and_get_code(torch.compile(model), torch.randn(16, 64))
+    assert code.count("torch.ops.inductor_moe.experts.default(") == 1, code
+    assert "_grouped_mm" not in code and "nonzero" not in code
