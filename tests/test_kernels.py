@@ -42,6 +42,8 @@ ROUTERS = {
     "softmax, renormalised": dict(renormalize=True),
     "sigmoid, bias, groups, scale": dict(renormalize=True, sigmoid=True, n_group=8, topk_group=3, scale=2.5, bias=True),
     "sigmoid, groups of 2": dict(renormalize=False, sigmoid=True, n_group=4, topk_group=1),
+    "sigmoid, groups filled with 0": dict(renormalize=True, sigmoid=True, n_group=4, topk_group=2, group_fill=0.0, bias=True),
+    "top-k of the logits": dict(renormalize=True, choose_on_logits=True, scale=0.5),
 }
 
 
@@ -49,13 +51,20 @@ ROUTERS = {
 @pytest.mark.parametrize("tokens, experts, k", [(1, 8, 1), (37, 16, 2), (20, 64, 8), (70, 32, 4)])
 def test_route_kernel(router, tokens, experts, k):
     options = dict(ROUTERS[router])
+    if "group_fill" in options:
+        logits_shift = -4.0  # sigmoid scores plus a negative bias: some kept choices fall below 0
+    else:
+        logits_shift = 0.0
     if options.get("n_group", 1) > experts // 2 or options.get("topk_group", 1) * experts // options.get("n_group", 1) < k:
         pytest.skip("not enough experts in the kept groups")
     bias = 0.1 * torch.randn(experts, device=DEVICE) if options.pop("bias", False) else None
-    logits = torch.randn(tokens, experts, device=DEVICE)
+    logits = torch.randn(tokens, experts, device=DEVICE) + logits_shift
+    if bias is not None and logits_shift:
+        bias -= 0.5
     weights, ids = routing.route(logits, k, bias=bias, **options)
     sigmoid = options.pop("sigmoid", False)
-    expected_weights, expected_ids = reference_route(logits.cpu(), k, scoring="sigmoid" if sigmoid else "softmax",
+    scoring = "softmax_of_topk" if options.pop("choose_on_logits", False) else "sigmoid" if sigmoid else "softmax"
+    expected_weights, expected_ids = reference_route(logits.cpu(), k, scoring=scoring,
                                                      bias=None if bias is None else bias.cpu(), **options)
     assert torch.equal(ids.cpu().long(), expected_ids), "ids (best first, ties to the lowest index)"
     assert_close(weights.cpu(), expected_weights, EXACT, "weights")

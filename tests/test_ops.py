@@ -116,9 +116,13 @@ ROUTERS = {  # name -> route options
     "softmax": dict(renormalize=False),
     "softmax, renormalised": dict(renormalize=True),
     "sigmoid, bias, groups, scale (DeepSeek-V3)": dict(
-        renormalize=True, scoring="sigmoid", n_group=4, topk_group=2, scale=2.5, bias=True
+        renormalize=True, scoring="sigmoid", n_group=4, topk_group=2, scale=2.5, bias=True, group_fill=float("-inf")
     ),
     "sigmoid, not renormalised": dict(renormalize=False, scoring="sigmoid"),
+    "sigmoid, groups filled with 0 (older DeepSeek-V3 code)": dict(
+        renormalize=True, scoring="sigmoid", n_group=4, topk_group=2, group_fill=0.0, bias=True
+    ),
+    "top-k then softmax (gpt-oss)": dict(renormalize=False, scoring="softmax_of_topk", scale=0.5),
 }
 
 
@@ -157,9 +161,10 @@ def test_route_gradient_matches_autograd(router):
     grad = torch.randn(6, 3, dtype=torch.float64)
     (actual,) = torch.autograd.grad(route_op(logits, 3, **options)[0], logits, grad)
     x = logits.detach().float().requires_grad_()
-    scores = x.softmax(-1) if options.get("scoring", "softmax") == "softmax" else x.sigmoid()
+    scoring = options.get("scoring", "softmax")
+    scores = x.sigmoid() if scoring == "sigmoid" else x.softmax(-1)
     picked = scores.gather(-1, ids.long())
-    if options["renormalize"]:
+    if options["renormalize"] or scoring == "softmax_of_topk":
         picked = picked / picked.sum(-1, keepdim=True)
     (expected,) = torch.autograd.grad(picked * options.get("scale", 1.0), x, grad.float())
     assert_close(actual.float(), expected, torch.float32, "grad of logits")

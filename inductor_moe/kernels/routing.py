@@ -7,6 +7,8 @@
     ids = top-k of choice (ties: lowest index); weights = scores[ids]
     weights = scale * weights / sum(weights)  (renormalize)  or  scale * weights
 
+With ``choose_on_logits`` the choice is the logits themselves (top-k then softmax).
+
 One program routes BLOCK_T tokens over all E experts (E up to a few hundred).
 """
 
@@ -39,16 +41,19 @@ def _argmax(values, cols, BLOCK_E: tl.constexpr):
 @triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
-    T, E, stride_t, scale,
+    T, E, stride_t, scale, group_fill,
     K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
-    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, CHOOSE_ON_LOGITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     mask = (rows < T)[:, None] & (cols < E)[None, :]
     scores = _scores(logits_ptr, rows, cols, mask, T, stride_t, SIGMOID)
-    choice = scores
+    if CHOOSE_ON_LOGITS:
+        choice = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        choice = scores
     if HAS_BIAS:
         choice += tl.load(bias_ptr + cols, mask=cols < E, other=0.0).to(tl.float32)[None, :]
     choice = tl.where(mask, choice, -float("inf"))
@@ -68,7 +73,7 @@ def _route_kernel(
             best = _argmax(group_scores, group_cols, N_GROUP)
             keep = keep | (group[None, :] == best[:, None])
             group_scores = tl.where(group_cols[None, :] == best[:, None], -float("inf"), group_scores)
-        choice = tl.where(keep, choice, tl.where(mask, 0.0, -float("inf")))
+        choice = tl.where(keep, choice, tl.where(mask, group_fill, -float("inf")))
     slots = tl.arange(0, BLOCK_K)
     picked = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
     ids = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
@@ -131,7 +136,8 @@ def _blocks(num_experts: int, k: int) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k))
 
 
-def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_group=1, scale=1.0):
+def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_group=1, scale=1.0,
+          group_fill=float("-inf"), choose_on_logits=False):
     """(weights float32 [T, k], ids int32 [T, k]) for logits ``[T, E]``."""
     logits = logits.contiguous()
     num_tokens, num_experts = logits.shape
@@ -140,9 +146,9 @@ def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_grou
     blocks = _blocks(num_experts, k)
     _route_kernel[(triton.cdiv(num_tokens, blocks["BLOCK_T"]),)](
         logits, bias if bias is not None else logits, weights, ids,
-        num_tokens, num_experts, logits.stride(0), scale,
+        num_tokens, num_experts, logits.stride(0), scale, group_fill,
         K=k, SIGMOID=sigmoid, HAS_BIAS=bias is not None, RENORMALIZE=renormalize,
-        N_GROUP=n_group, TOPK_GROUP=topk_group, **blocks,
+        N_GROUP=n_group, TOPK_GROUP=topk_group, CHOOSE_ON_LOGITS=choose_on_logits, **blocks,
     )
     return weights, ids
 

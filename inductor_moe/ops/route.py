@@ -3,13 +3,15 @@
     scores = softmax(float32(logits), -1)  or  sigmoid(float32(logits))       (scoring)
     choice = scores + bias                          (bias: a score correction for selection only)
     with n_group > 1: only the topk_group groups of E / n_group experts with the largest sum of
-        their two best choices stay candidates; the others' choice becomes 0 (DeepSeek-V3)
+        their two best choices stay candidates; the others' choice becomes group_fill
+        (DeepSeek-V3: -inf, or 0 in older code)
     ids = top-k of choice;  weights = scores[ids]
     weights = scale * weights / weights.sum(-1)    (renormalize)  or  scale * weights
 
-Returns float32 weights and int32 ids, ``[T, k]`` for logits ``[T, E]``. Softmax then top-k with
-renormalisation also equals top-k of the logits then softmax. Autograd saves the logits and the
-ids; the backward (``route_backward``) recomputes the scores rather than keeping them.
+scoring "softmax_of_topk" (gpt-oss, Mixtral's first code): ids = top-k of the logits themselves,
+weights = scale * softmax of those k logits, which is the renormalised softmax of the others.
+Returns float32 weights and int32 ids, ``[T, k]`` for logits ``[T, E]``, best first. Autograd
+saves the logits and the ids; the backward (``route_backward``) recomputes the scores.
 """
 
 import torch
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from . import implementation
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "softmax_of_topk")
 
 
 def _check(logits: Tensor, k: int, scoring: str, bias: Tensor | None, n_group: int, topk_group: int) -> None:
@@ -38,6 +40,10 @@ def _check(logits: Tensor, k: int, scoring: str, bias: Tensor | None, n_group: i
         lambda: f"inductor_moe.route: {num_experts} experts cannot form {n_group} groups of at least 2 "
         f"with {topk_group} kept",
     )
+    torch._check(
+        scoring != "softmax_of_topk" or (bias is None and n_group == 1),
+        lambda: "inductor_moe.route: softmax_of_topk selects on the logits: no bias, no groups",
+    )
 
 
 @torch.library.custom_op("inductor_moe::route", mutates_args=())
@@ -50,13 +56,16 @@ def route(
     n_group: int = 1,
     topk_group: int = 1,
     scale: float = 1.0,
+    group_fill: float = 0.0,  # no -inf default: the schema parser takes none; callers pass it
 ) -> tuple[Tensor, Tensor]:
     _check(logits, k, scoring, bias, n_group, topk_group)
-    return implementation.of(logits).route_forward(logits, k, renormalize, scoring, bias, n_group, topk_group, scale)
+    return implementation.of(logits).route_forward(
+        logits, k, renormalize, scoring, bias, n_group, topk_group, scale, group_fill
+    )
 
 
 @route.register_fake
-def _(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0):
+def _(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0, group_fill=0.0):
     _check(logits, k, scoring, bias, n_group, topk_group)
     shape = (logits.shape[0], k)
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
@@ -76,14 +85,14 @@ def _(grad_weights, logits, ids, renormalize, scoring, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, _, renormalize, scoring, _, _, _, scale = inputs
+    logits, _, renormalize, scoring, _, _, _, scale, _ = inputs
     ctx.save_for_backward(logits, output[1])
     ctx.options = renormalize, scoring, scale
 
 
 def _backward(ctx, grad_weights, _grad_ids):
     logits, ids = ctx.saved_tensors
-    return route_backward(grad_weights, logits, ids, *ctx.options), None, None, None, None, None, None, None
+    return route_backward(grad_weights, logits, ids, *ctx.options), *[None] * 8
 
 
 route.register_autograd(_backward, setup_context=_setup_context)

@@ -11,12 +11,15 @@ from .activations import Activation
 from .cpu import stored_out_in
 
 
-def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int, scale: float):
-    return routing.route(logits, k, renormalize, scoring == "sigmoid", bias, n_group, topk_group, scale)
+def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
+                  scale: float, group_fill: float):
+    return routing.route(logits, k, renormalize or scoring == "softmax_of_topk", scoring == "sigmoid", bias,
+                         n_group, topk_group, scale, group_fill, choose_on_logits=scoring == "softmax_of_topk")
 
 
 def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float):
-    return routing.route_backward(grad_weights, logits, ids, renormalize, scoring == "sigmoid", scale)
+    return routing.route_backward(grad_weights, logits, ids, renormalize or scoring == "softmax_of_topk",
+                                  scoring == "sigmoid", scale)
 
 
 def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation):
