@@ -87,6 +87,7 @@ def test_experts_saves_inputs_pre_activation_and_routing_metadata_only():
 def test_expert_without_tokens_gets_zero_gradient():
     x, ids, weights, w1, w2, b1, b2 = make_experts(6, 16, 8, 5, 1, Activation("swiglu"), torch.float32)
     ids = torch.where(ids == 3, 0, ids)  # nobody routes to expert 3
+    ids[0, 0] = 0  # and someone to expert 0
     w1, w2, b1 = (t.detach().requires_grad_() for t in (w1, w2, b1))
     experts_op(x, ids, weights, w1, w2, b1, b2, "swiglu")[0].sum().backward()
     assert w1.grad[3].abs().max() == 0 and w2.grad[3].abs().max() == 0 and b1.grad[3].abs().max() == 0
