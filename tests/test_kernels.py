@@ -259,6 +259,7 @@ def test_kernels_compile_for_gpus():
 
     In a separate process: under the interpreter, kernels are not compilable objects."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(inductor_moe.__file__)), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [sys.executable, "-c", "import kernel_builds; kernel_builds.compile_all()"],
         cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True, timeout=600,
