@@ -159,28 +159,86 @@ STYLES = {
 }
 
 
-def transformers_block(experts_implementation: str, cfg: MoEConfig) -> nn.Module:
-    """Hugging Face's MixtralSparseMoeBlock with ``grouped_mm``, ``batched_mm`` or ``eager`` experts."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A transformers MoE model family: where its classes live and how our config maps to its."""
 
-    config = MixtralConfig(
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_local_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.top_k,
-    )
+    module: str  # transformers.models.<module>.modeling_<module>
+    config: str
+    block: str
+    causal_lm: str
+    moe_arguments: object  # MoEConfig -> dict of the family config's MoE arguments
+    model_arguments: dict = dataclasses.field(default_factory=dict)  # for a whole tiny model
+
+
+FAMILIES = {
+    "mixtral": Family(
+        "mixtral", "MixtralConfig", "MixtralSparseMoeBlock", "MixtralForCausalLM",
+        lambda c: dict(intermediate_size=c.intermediate, num_local_experts=c.num_experts),
+    ),
+    "qwen2_moe": Family(
+        "qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeSparseMoeBlock", "Qwen2MoeForCausalLM",
+        lambda c: dict(moe_intermediate_size=c.intermediate, num_experts=c.num_experts, norm_topk_prob=c.renormalize,
+                       shared_expert_intermediate_size=2 * c.intermediate),
+    ),
+    "qwen3_moe": Family(
+        "qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeSparseMoeBlock", "Qwen3MoeForCausalLM",
+        lambda c: dict(moe_intermediate_size=c.intermediate, num_experts=c.num_experts, norm_topk_prob=c.renormalize),
+    ),
+    "olmoe": Family(
+        "olmoe", "OlmoeConfig", "OlmoeSparseMoeBlock", "OlmoeForCausalLM",
+        lambda c: dict(intermediate_size=c.intermediate, num_experts=c.num_experts, norm_topk_prob=c.renormalize),
+    ),
+    "deepseek_v3": Family(
+        "deepseek_v3", "DeepseekV3Config", "DeepseekV3MoE", "DeepseekV3ForCausalLM",
+        lambda c: dict(moe_intermediate_size=c.intermediate, n_routed_experts=c.num_experts, n_group=4, topk_group=2,
+                       routed_scaling_factor=2.5, n_shared_experts=1, norm_topk_prob=c.renormalize),
+        dict(first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+             v_head_dim=8),
+    ),
+    "gpt_oss": Family(
+        "gpt_oss", "GptOssConfig", "GptOssMLP", "GptOssForCausalLM",
+        lambda c: dict(intermediate_size=c.intermediate, num_local_experts=c.num_experts, swiglu_limit=1.5),
+        dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    ),
+}
+
+
+def transformers_model(family: str, experts_implementation: str, cfg: MoEConfig, num_layers: int = 0) -> nn.Module:
+    """A transformers family's MoE block, or with ``num_layers`` a tiny ``...ForCausalLM``, with
+    the ``grouped_mm``, ``batched_mm`` or ``eager`` experts implementation, random weights."""
+    import importlib
+
+    spec = FAMILIES[family]
+    module = importlib.import_module(f"transformers.models.{spec.module}.modeling_{spec.module}")
+    arguments = dict(hidden_size=cfg.hidden, num_experts_per_tok=cfg.top_k, **spec.moe_arguments(cfg))
+    if num_layers:
+        arguments |= dict(vocab_size=64, num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=2,
+                          head_dim=cfg.hidden // 2, max_position_embeddings=64, **spec.model_arguments)
+    config = getattr(importlib.import_module("transformers"), spec.config)(**arguments)
     config._experts_implementation = experts_implementation
-    block = MixtralSparseMoeBlock(config)
-    for param in block.parameters():
-        nn.init.normal_(param, std=param.shape[-1] ** -0.5)
-    return block
+    model = getattr(module, spec.causal_lm if num_layers else spec.block)(config)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.dim() >= 2:  # weights: unit-variance outputs; biases, norms: small noise around their init
+            nn.init.normal_(tensor, std=tensor.shape[-1] ** -0.5)
+        elif tensor.is_floating_point() and "norm" not in name:
+            nn.init.normal_(tensor, std=0.1)
+    return model
+
+
+def transformers_block(experts_implementation: str, cfg: MoEConfig) -> nn.Module:
+    """Hugging Face's Mixtral block with ``grouped_mm``, ``batched_mm`` or ``eager`` experts."""
+    return transformers_model("mixtral", experts_implementation, cfg)
 
 
 def build(style: str, cfg: MoEConfig) -> nn.Module:
-    """A block by style name: a key of STYLES, or ``transformers_<implementation>``."""
+    """A block by style name: a key of STYLES, ``transformers_<implementation>`` (Mixtral), or
+    ``<family>_<implementation>`` for a key of FAMILIES."""
     if style.startswith("transformers_"):
         return transformers_block(style.removeprefix("transformers_"), cfg)
+    for family in FAMILIES:
+        if style.startswith(family + "_"):
+            return transformers_model(family, style.removeprefix(family + "_"), cfg)
     return STYLES[style](cfg)
 
 

@@ -35,7 +35,7 @@ class RewrittenGraphs(TestCase):
     b2_ = L_self_b2_
     tokens = l_x_.reshape(-1, 16)
     linear = torch._C._nn.linear(tokens, router_gate_weight_, None)
-    route_default = torch.ops.inductor_moe.route.default(linear, 2, True)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True)
     getitem_13 = route_default[1]
     to_2 = getitem_13.to(torch.int64)
     getitem_14 = route_default[0]
@@ -44,7 +44,7 @@ class RewrittenGraphs(TestCase):
     view_as = getitem_12.view_as(l_x_)
     return (view_as,)
 """)
-        self.assertEqual(rewrites(), {"sorted_grouped_mm_experts": 1, "softmax_topk_router": 1})
+        self.assertEqual(rewrites(), {"sorted_grouped_mm_experts": 1, "router": 1})
 
     def test_transformers_grouped_mm(self):
         block = models.transformers_block("grouped_mm", SMALL).bfloat16()
@@ -63,7 +63,7 @@ class RewrittenGraphs(TestCase):
     router_logits = torch._C._nn.linear(hidden_states_1, gate_weight_)
     transpose_2 = experts_gate_up_proj_.transpose(1, 2)
     transpose_3 = experts_down_proj_.transpose(1, 2)
-    route_default = torch.ops.inductor_moe.route.default(router_logits, 2, True)
+    route_default = torch.ops.inductor_moe.route.default(router_logits, 2, renormalize = True)
     getitem_16 = route_default[1]
     to_3 = getitem_16.to(torch.int64)
     getitem_17 = route_default[0]
@@ -90,7 +90,7 @@ class RewrittenGraphs(TestCase):
     router_logits = torch._C._nn.linear(hidden_states_1, gate_weight_)
     transpose_2 = experts_gate_up_proj_.transpose(1, 2)
     transpose_3 = experts_down_proj_.transpose(1, 2)
-    route_default = torch.ops.inductor_moe.route.default(router_logits, 2, True)
+    route_default = torch.ops.inductor_moe.route.default(router_logits, 2, renormalize = True)
     getitem_16 = route_default[1]
     to_3 = getitem_16.to(torch.int64)
     getitem_17 = route_default[0]
@@ -116,7 +116,7 @@ class RewrittenGraphs(TestCase):
     router_logits = torch._C._nn.linear(hidden_states_1, gate_weight_)
     transpose = experts_gate_up_proj_.transpose(1, 2)
     transpose_1 = experts_down_proj_.transpose(1, 2)
-    route_default = torch.ops.inductor_moe.route.default(router_logits, 2, True)
+    route_default = torch.ops.inductor_moe.route.default(router_logits, 2, renormalize = True)
     getitem_13 = route_default[1]
     to_1 = getitem_13.to(torch.int64)
     getitem_14 = route_default[0]
@@ -148,7 +148,7 @@ class RewrittenGraphs(TestCase):
     transpose = cat.transpose(1, 2)
     stack_2 = torch.stack([experts_0_down_proj_weight_, experts_1_down_proj_weight_, experts_2_down_proj_weight_])
     transpose_1 = stack_2.transpose(1, 2)
-    route_default = torch.ops.inductor_moe.route.default(linear, 2, True)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True)
     getitem_8 = route_default[1]
     to_1 = getitem_8.to(torch.int64)
     getitem_9 = route_default[0]
@@ -181,7 +181,7 @@ class RewrittenGraphs(TestCase):
     transpose = cat.transpose(1, 2)
     stack_2 = torch.stack([experts_0_down_proj_weight_, experts_1_down_proj_weight_, experts_2_down_proj_weight_])
     transpose_1 = stack_2.transpose(1, 2)
-    route_default = torch.ops.inductor_moe.route.default(linear, 2, True)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True)
     getitem_21 = route_default[1]
     to_3 = getitem_21.to(torch.int64)
     getitem_22 = route_default[0]
@@ -198,7 +198,7 @@ class RewrittenGraphs(TestCase):
     gate_weight_ = L_self_gate_weight_
     l_x_ = L_x_
     linear = torch._C._nn.linear(l_x_, gate_weight_, None)
-    route_default = torch.ops.inductor_moe.route.default(linear, 2, False)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = False)
     getitem_2 = route_default[1]
     to = getitem_2.to(torch.int64)
     getitem_3 = route_default[0]

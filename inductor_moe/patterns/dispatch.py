@@ -131,7 +131,7 @@ def _stacked_experts(weight: Weight) -> int:
     return shape(weight.parts[0])[0]
 
 
-def _feeds(node: Node, name: str, depth: int = 6) -> bool:
+def _feeds(node: Node, name: str, depth: int = 12) -> bool:
     """Whether node's value reaches another ``name`` call within a few ops (a first projection)."""
     frontier = set(node.users)
     for _ in range(depth):
@@ -342,19 +342,16 @@ def _dense_column(use: Node) -> tuple[int, Node, set]:
 
 def dense_loop(anchor: Node) -> Block | None:
     c = call(anchor)
-    if c is None or c.name != "scatter" or not combine.is_fresh_zeros(c["input"]):
+    if c is None or c.name != "scatter" or not isinstance(c["src"], Node) or not combine.is_fresh_zeros(c["input"]):
         return None
     num_experts = _topk_experts(c["index"])
     if num_experts is None:
         return None  # scattering something other than a top-k choice: not an MoE router
     dense, ids, weights = anchor, c["index"], c["src"]
-    require(c["dim"] in (1, -1) and weights is not None and c["reduce"] is None, f"{anchor} is no plain scatter of weights")
+    require(c["dim"] in (1, -1) and c["reduce"] is None, f"{anchor} is no plain scatter of weights")
     require(same_shape(shape(dense)[1:], (num_experts,)), f"dense routing weights {shape(dense)} are not [T, E={num_experts}]")
-    zeros = c["input"]
-    # after an in-place scatter_ the columns may be read through the zero tensor's name
-    uses = [u for u in (*dense.users, *zeros.users) if u is not anchor] if c.inplace else list(dense.users)
-    bodies, terms, nodes = {}, set(), {dense, zeros}
-    for use in uses:
+    bodies, terms, nodes = {}, set(), {dense, c["input"]}
+    for use in dense.users:
         e, column, column_nodes = _dense_column(use)
         require(e not in bodies, f"dense routing weights of expert {e} are used twice")
         term = combine.single_user(column, f"expert {e}'s routing weights")

@@ -45,6 +45,11 @@ _TABLE = [
     ("floordiv", "input, other", operator.floordiv, torch.floor_divide, ".floor_divide"),
     ("mul", "input, other", operator.mul, operator.imul, torch.mul, ".mul", ".mul_"),
     ("add", "input, other, alpha=1", operator.add, operator.iadd, torch.add, ".add", ".add_"),
+    ("masked_fill", "input, mask, value", torch.masked_fill, ".masked_fill", ".masked_fill_"),
+    ("clamp", "input, min=None, max=None", torch.clamp, ".clamp", ".clamp_"),
+    ("invert", "input", operator.invert, torch.logical_not, ".logical_not"),
+    ("gather", "input, dim, index, sparse_grad=False", torch.gather, ".gather"),
+    ("expand", "input, *sizes", ".expand"),
     ("eq", "input, other", operator.eq, torch.eq, ".eq"),
     ("getitem", "input, index", operator.getitem),
     ("setitem", "input, index, value", operator.setitem),
@@ -53,7 +58,7 @@ _TABLE = [
     ("view_as", "input, other", ".view_as", ".reshape_as"),
     ("flatten", "input, start_dim=0, end_dim=-1", torch.flatten, ".flatten"),
     ("to", "input, *args, **kwargs", ".to", ".type", ".type_as", ".float", ".double", ".half",
-     ".bfloat16", ".int", ".long"),
+     ".bfloat16", ".int", ".long", ".bool"),
     ("contiguous", "input, memory_format=None", ".contiguous"),
     ("transpose", "input, dim0, dim1", torch.transpose, ".transpose"),
     ("t", "input", torch.t, ".t"),
@@ -88,6 +93,7 @@ _TABLE = [
     ("relu", "input, inplace=False", F.relu),
     ("relu", "input", torch.relu, ".relu"),
     ("sigmoid", "input", torch.sigmoid, ".sigmoid"),
+    ("sigmoid", "input", F.sigmoid),
 ]
 _INPLACE = {operator.itruediv, operator.imul, operator.iadd, operator.setitem}
 

@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
 from .. import config
-from . import dispatch, rewrite, router
+from . import dispatch, normalize, rewrite, router
 from .fx import NoMatch
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 # pattern name -> (matcher, rewrite): experts blocks first, so each sees the router it reads from
 PATTERNS = {
     **{name: (matcher, rewrite.rewrite_experts) for name, matcher in dispatch.MATCHERS.items()},
-    "softmax_topk_router": (router.softmax_topk, rewrite.rewrite_router),
+    "router": (router.match_router, rewrite.rewrite_router),
 }
 
 
@@ -33,6 +33,7 @@ def _where(node: Node) -> str:
 
 def rewrite_moe(graph: Graph) -> None:
     """Rewrite every MoE block and router in ``graph`` into canonical ops."""
+    normalize.functionalize(graph)
     for name, (matcher, rewrite_block) in PATTERNS.items():
         if name in config.disabled_patterns:
             continue

@@ -187,14 +187,18 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
 
 
 def rewrite_router(graph: Graph, router: Router) -> bool:
-    """Replace softmax -> top-k (-> renormalise) by ``inductor_moe::route``."""
+    """Replace the router's scores, top-k and weight post-processing by ``inductor_moe::route``."""
 
     def build(emit: Emitter) -> dict:
-        route = emit.function(torch.ops.inductor_moe.route.default, router.logits, router.k, router.renormalize)
+        route = emit.function(torch.ops.inductor_moe.route.default, router.logits, router.k, **router.options)
         replacements = {router.ids: emit.method("to", emit.function(operator.getitem, route, 1), torch.int64)}
         if router.weights is not None:
-            replacements[router.weights] = emit.function(operator.getitem, route, 0)
+            weights = emit.function(operator.getitem, route, 0)
+            if dtype(router.weights) != torch.float32:
+                weights = emit.method("to", weights, dtype(router.weights))
+            replacements[router.weights] = weights
         return replacements
 
     outputs = tuple(n for n in (router.ids, router.weights) if n is not None)
-    return _rewrite(graph, router.nodes, outputs, router.shareable, [router.logits], build)
+    inputs = [router.logits, *(n for n in router.options.values() if isinstance(n, Node))]
+    return _rewrite(graph, router.nodes, outputs, router.shareable, inputs, build)

@@ -1,11 +1,14 @@
-"""The router: softmax over the experts, top-k, optionally renormalised, becomes ``route``.
+"""The router, in the spellings the model families use, becomes ``route``:
 
-    probs = softmax(logits.float(), -1)           # or F.softmax(logits, -1, dtype=torch.float32)
-    weights, ids = probs.topk(k, -1)
-    weights = weights / weights.sum(-1, keepdim=True)   # optional, also in place (/=)
+    softmax(logits.float()) -> topk -> [/ sum] [* scale]                 Mixtral, Qwen, OLMoE
+    sigmoid(logits) [+ bias] [group mask] -> topk -> scores.gather(ids)
+        -> [/ (sum + eps)] [* scale]                                      DeepSeek-V3
+    topk(logits) -> softmax(values)                                       gpt-oss
 
-The softmax must run in float32: the route op computes it so, and a lower-precision softmax can
-round two scores into a tie that top-k breaks differently.
+The group mask is DeepSeek-V3's: ``choice.view(-1, G, E // G).topk(2)[0].sum(-1)`` ranks the
+groups, a ``scatter`` of the best ``topk_group`` into zeros, expanded over the experts, masks the
+others with ``masked_fill``. Scores must be computed in float32: the route op computes them so,
+and lower precision can round two scores into a tie that top-k breaks differently.
 """
 
 import dataclasses
@@ -13,61 +16,160 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from .fx import call, dtype, getitem_users, is_call, is_last_dim, require, shape
+from .fx import call, dtype, expect, getitem_users, is_call, is_last_dim, require, same_shape, shape, value
 
 
 @dataclasses.dataclass
 class Router:
     logits: Node
     k: int
-    renormalize: bool
-    weights: Node | None  # replaced by the route op's weights
+    options: dict  # the route op's keyword arguments besides logits and k
+    weights: Node | None  # replaced by the route op's weights (cast back to its dtype)
     ids: Node  # replaced by its ids (as int64, like topk's)
     nodes: set
-    shareable: set  # softmax and casts other code may keep using
+    shareable: set  # scores, casts, the group mask: other code may keep using them
 
 
-def _renormalized(values: Node) -> Node | None:
-    """The node ``values / values.sum(-1, keepdim=True)`` if that is all values is used for."""
-    users = list(values.users)
-    if len(users) != 2:
+def _scores(node: Node) -> tuple[str, Node, set] | None:
+    """(scoring, logits, shareable nodes) for softmax/sigmoid scores of float32 logits."""
+    c = call(node)
+    if c is None or c.name not in ("softmax", "sigmoid"):
         return None
-    total = next((u for u in users if is_call(u, "sum")), None)
-    div = next((u for u in users if is_call(u, "div")), None)
-    if total is None or div is None or list(total.users) != [div]:
-        return None
-    s, d = call(total), call(div)
-    if not (s["input"] is values and is_last_dim(s["dim"], len(shape(values))) and s["keepdim"] and s["dtype"] is None):
-        return None
-    if d["input"] is not values or d["other"] is not total or d.args.get("rounding_mode") is not None:
-        return None
-    return div
-
-
-def softmax_topk(anchor: Node) -> Router | None:
-    c = call(anchor)
-    if c is None or c.name != "topk" or not is_call(c["input"], "softmax"):
-        return None
-    probs = c["input"]
-    softmax = call(probs)
-    ndim = len(shape(probs))
-    require(is_last_dim(softmax["dim"], ndim) and is_last_dim(c["dim"], ndim), "softmax or top-k is not over the experts (last dim)")
-    require(c["largest"] and isinstance(c["k"], int), f"{anchor} is not a top-k of the largest scores")
+    if c.name == "softmax":
+        require(is_last_dim(c["dim"], len(shape(node))), "the router softmax is not over the experts (last dim)")
     require(
-        dtype(probs) == torch.float32,
-        f"router softmax runs in {dtype(probs)}: compute it in float32 (logits.float()) to fuse it",
+        dtype(node) == torch.float32,
+        f"router {c.name} runs in {dtype(node)}: compute it in float32 (logits.float()) to fuse it",
     )
-    logits, shareable = softmax["input"], {probs}
+    logits, shareable = c["input"], {node}
     if is_call(logits, "to") and dtype(logits) == torch.float32:  # route upcasts itself
         shareable.add(logits)
         logits = call(logits)["input"]
-    outputs = getitem_users(anchor)
-    require(1 in outputs, f"{anchor}'s expert ids are not used")
-    values = outputs.get(0)
-    renormalized = _renormalized(values) if values is not None else None
-    nodes = {anchor, *outputs.values(), *shareable}
-    if renormalized is not None:
-        nodes |= set(values.users)
-    return Router(
-        logits, c["k"], renormalized is not None, renormalized or values, outputs[1], nodes, shareable
+    return c.name, logits, shareable
+
+
+def _group_mask(node: Node, choice: Node) -> tuple[int, int, set]:
+    """(n_group, topk_group, nodes) of ``mask`` when it keeps the best groups of ``choice``."""
+    nodes = set()
+    c = expect(node, "invert", what="group mask")
+    nodes.add(node)
+    c = expect(c["input"], "to", what="group mask")
+    nodes.add(c.node)
+    reshaped = expect(c["input"], "reshape", what="group mask")
+    expanded = expect(reshaped["input"], "expand", what="group mask")
+    unsqueezed = expect(expanded["input"], "unsqueeze", what="group mask")
+    scattered = expect(unsqueezed["input"], "scatter", what="group mask")
+    nodes |= {reshaped.node, expanded.node, unsqueezed.node, scattered.node}
+    require(is_call(scattered["input"], "zeros_like", "zeros", "new_zeros") and scattered["src"] is None
+            and scattered["value"] == 1 or scattered["src"] == 1, "the group mask is not a scatter of ones into zeros")
+    nodes.add(scattered["input"])
+    picked = expect(scattered["index"], "getitem", what="kept groups")
+    group_topk = expect(picked["input"], "topk", what="kept groups")
+    require(picked["index"] == 1 and group_topk["largest"], "kept groups are not the top-k groups")
+    group_scores = expect(group_topk["input"], "sum", what="group scores")
+    best_two = expect(group_scores["input"], "getitem", what="group scores")
+    pair = expect(best_two["input"], "topk", what="group scores")
+    grouped = expect(pair["input"], "reshape", what="group scores")
+    nodes |= {picked.node, group_topk.node, group_scores.node, best_two.node, pair.node, grouped.node}
+    require(grouped["input"] is choice, "groups are ranked on another score than the experts")
+    num_tokens_by_groups = shape(grouped.node)
+    require(
+        len(num_tokens_by_groups) == 3 and pair["k"] == 2 and best_two["index"] == 0 and is_last_dim(pair["dim"], 3)
+        and is_last_dim(group_scores["dim"], 3),
+        "a group's score is not the sum of its two best",
     )
+    n_group = num_tokens_by_groups[1]
+    require(same_shape(shape(node), shape(choice)), "the group mask does not cover the experts")
+    return n_group, group_topk["k"], nodes
+
+
+def _selection(choice: Node):
+    """What a router's top-k chooses on: (scoring, logits, scores, bias, groups, nodes, shareable)."""
+    nodes, groups = set(), None
+    c = call(choice)
+    if c is not None and c.name == "masked_fill":
+        n_group, topk_group, mask_nodes = _group_mask(c["mask"], c["input"])
+        require(isinstance(c["value"], (int, float)), "the group mask fills with a tensor")
+        groups = dict(n_group=n_group, topk_group=topk_group, group_fill=float(c["value"]))
+        nodes |= mask_nodes | {choice}
+        choice = c["input"]
+        c = call(choice)
+    bias = None
+    if c is not None and c.name == "add" and not c.inplace:
+        for scores, other in ((c["input"], c["other"]), (c["other"], c["input"])):
+            if _scores(scores) is not None and isinstance(other, Node) and len(shape(other)) == 1:
+                nodes.add(choice)
+                choice, bias = scores, other
+                break
+    found = _scores(choice)
+    if found is None:
+        if bias is not None or groups is not None:
+            return None
+        return "softmax_of_topk", choice, None, None, None, nodes, set()
+    scoring, logits, shareable = found
+    return scoring, logits, choice, bias, groups, nodes, shareable
+
+
+def _postprocessing(weights: Node) -> tuple[Node, bool, float, set]:
+    """(final weights, renormalized, scale, nodes) after ``/ sum [+ eps]`` and ``* scale``."""
+    node, renormalized, scale, nodes = weights, False, 1.0, set()
+    users = list(node.users)
+    divisions = [u for u in users if is_call(u, "div")]
+    if len(divisions) == 1 and call(divisions[0])["input"] is node:
+        total = call(divisions[0])["other"]
+        eps = call(total)
+        nodes_eps = set()
+        if eps is not None and eps.name == "add" and isinstance(eps["other"], float) and 0 <= eps["other"] <= 1e-6:
+            nodes_eps = {total}
+            total = eps["input"]
+        s = call(total)
+        if (s is not None and s.name == "sum" and s["input"] is node and s["keepdim"]
+                and is_last_dim(s["dim"], len(shape(node))) and set(users) == {divisions[0], total}):
+            # an eps that small changes nothing in float32 unless the sum is ~0: the weights are positive
+            renormalized, node = True, divisions[0]
+            nodes |= {divisions[0], total} | nodes_eps
+    users = list(node.users)
+    if len(users) == 1 and is_call(users[0], "mul"):
+        m = call(users[0])
+        factor = m["other"] if m["input"] is node else m["input"]
+        if isinstance(factor, (int, float)):
+            node, scale = users[0], float(factor)
+            nodes.add(node)
+    return node, renormalized, scale, nodes
+
+
+def match_router(anchor: Node) -> Router | None:
+    c = call(anchor)
+    if c is None or c.name != "topk" or not c["largest"] or not isinstance(c["k"], int):
+        return None
+    if not is_last_dim(c["dim"], len(shape(c["input"]))):
+        return None
+    outputs = getitem_users(anchor)
+    if 1 not in outputs or (len(shape(c["input"])) != 2):
+        return None
+    ids, values = outputs[1], outputs.get(0)
+    selection = _selection(c["input"])
+    if selection is None:
+        return None
+    scoring, logits, scores, bias, groups, nodes, shareable = selection
+    nodes |= {anchor, *outputs.values()}
+    if scoring == "softmax_of_topk":
+        softmax = [u for u in values.users if is_call(u, "softmax")] if values is not None else []
+        if len(softmax) != 1 or len(values.users) != 1 or not is_last_dim(call(softmax[0])["dim"], 2):
+            return None  # a top-k of something that is not turned into routing weights
+        weights = softmax[0]
+    elif scores is c["input"]:
+        weights = values
+    else:
+        gathers = [u for u in ids.users if is_call(u, "gather") and call(u)["input"] is scores]
+        require(len(gathers) == 1 and call(gathers[0])["dim"] in (1, -1), "the routing weights are not the chosen scores")
+        weights = gathers[0]
+    nodes.add(weights)
+    weights, renormalized, scale, post_nodes = _postprocessing(weights)
+    options = dict(renormalize=renormalized, scoring=scoring, bias=bias, scale=scale, **(groups or {}))
+    options = {name: v for name, v in options.items() if name == "renormalize" or v != _DEFAULTS[name]}
+    return Router(logits, c["k"], options, weights, ids, nodes | post_nodes, shareable)
+
+
+# the route op's defaults, left out of the rewritten graph so that it reads like the model
+_DEFAULTS = dict(scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0, group_fill=0.0)
