@@ -5,12 +5,23 @@
 
 Importing the package registers the canonical ops (``torch.ops.inductor_moe.*``) and chains its
 graph passes onto Inductor's config (see ``passes``). ``inductor_moe.config`` holds the knobs; every rewrite
-counts in ``torch._dynamo.utils.counters["inductor_moe"]`` and is logged (logger ``inductor_moe``).
+counts in ``torch._dynamo.utils.counters["inductor_moe"]`` and is logged (logger ``inductor_moe``,
+``TORCH_LOGS=inductor_moe``); ``inductor_moe.explain(model, *inputs)`` reports every decision.
 """
 
+import os
+
+import torch._logging._internal
+
 from . import config, lowerings, ops  # noqa: F401
+from .explain import explain
 from .passes import install
 
 install()
 
-__all__ = ["config", "install"]
+# TORCH_LOGS=inductor_moe (or torch._logging.set_logs(inductor_moe=logging.INFO)) shows every decision
+torch._logging._internal.register_log("inductor_moe", "inductor_moe")
+if "TORCH_LOGS" in os.environ:
+    torch._logging._internal._init_logs()  # torch parsed TORCH_LOGS before this name existed
+
+__all__ = ["config", "explain", "install"]

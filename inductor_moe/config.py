@@ -16,6 +16,10 @@ enabled: bool = True
 # Pattern names (the keys of counters["inductor_moe"]) to leave alone, e.g. ["dense_loop_experts"].
 disabled_patterns: list[str] = []
 
+# The transformers experts implementation that torch.compile traces where a model runs "eager"
+# (a loop over nonzero() that graph-breaks); None traces eager as it is. See transformers_experts.
+transformers_eager_experts: str | None = "grouped_mm"
+
 # Run the Triton kernels for CPU tensors too, through Triton's interpreter (slow: for tests). The
 # interpreter must be on (TRITON_INTERPRET=1) before inductor_moe.kernels is imported.
 triton_on_cpu: bool = os.environ.get("TRITON_INTERPRET") == "1"

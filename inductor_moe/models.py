@@ -91,6 +91,9 @@ class SortedGroupedMM(nn.Module):
         nn.init.normal_(self.w1, std=cfg.hidden**-0.5)
         nn.init.normal_(self.w2, std=cfg.intermediate**-0.5)
 
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        return activate(self.cfg, h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         tokens = x.reshape(-1, cfg.hidden)
@@ -103,7 +106,7 @@ class SortedGroupedMM(nn.Module):
         h = torch._grouped_mm(tokens[token_of_row], self.w1, offs=offsets)
         if self.b1 is not None:
             h = h + self.b1[flat_ids[order]]
-        y = torch._grouped_mm(activate(cfg, h), self.w2, offs=offsets)
+        y = torch._grouped_mm(self.activate(h), self.w2, offs=offsets)
         if self.b2 is not None:
             y = y + self.b2[flat_ids[order]]
         y = y * weights.reshape(-1)[order].unsqueeze(-1)
@@ -194,7 +197,7 @@ FAMILIES = {
         lambda c: dict(moe_intermediate_size=c.intermediate, n_routed_experts=c.num_experts, n_group=4, topk_group=2,
                        routed_scaling_factor=2.5, n_shared_experts=1, norm_topk_prob=c.renormalize),
         dict(first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-             v_head_dim=8),
+             v_head_dim=8, head_dim=8),  # MLA: the rotary part of a head
     ),
     "gpt_oss": Family(
         "gpt_oss", "GptOssConfig", "GptOssMLP", "GptOssForCausalLM",
@@ -214,7 +217,7 @@ def transformers_model(family: str, experts_implementation: str, cfg: MoEConfig,
     arguments = dict(hidden_size=cfg.hidden, num_experts_per_tok=cfg.top_k, **spec.moe_arguments(cfg))
     if num_layers:
         arguments |= dict(vocab_size=64, num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=2,
-                          head_dim=cfg.hidden // 2, max_position_embeddings=64, **spec.model_arguments)
+                          head_dim=cfg.hidden // 2, max_position_embeddings=64) | spec.model_arguments
     config = getattr(importlib.import_module("transformers"), spec.config)(**arguments)
     config._experts_implementation = experts_implementation
     model = getattr(module, spec.causal_lm if num_layers else spec.block)(config)

@@ -14,7 +14,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
 from torch.fx import Graph
 
-from . import config
+from . import config, transformers_experts
 from .lowerings.cpu import decompose
 from .patterns.graph_pass import rewrite_moe
 
@@ -42,7 +42,9 @@ class ChainedPass(CustomGraphPass):
 
 
 def install() -> None:
-    """Chain both passes onto Inductor's config; again after a user replaced those settings."""
+    """Chain both passes onto Inductor's config (again after a user replaced those settings), and
+    have transformers' eager experts traced as tensor code."""
+    transformers_experts.install()
     for setting, run in (("pre_grad_custom_pass", rewrite_moe), ("post_grad_custom_pre_pass", decompose)):
         current = getattr(inductor_config, setting)
         if not any(isinstance(p, ChainedPass) for p in get_custom_graph_passes(current)):

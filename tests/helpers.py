@@ -1,6 +1,9 @@
 """Shared test helpers: graph capture for expecttest, reference comparisons with dtype tolerances."""
 
 import copy
+import difflib
+import os
+import pathlib
 import re
 
 import torch
@@ -33,6 +36,21 @@ def rewritten_code(model, *inputs, dynamic: bool = True) -> str:
     return code + "\n"
 
 
+_EXPECTED = pathlib.Path(__file__).parent / "expected"
+
+
+def assert_expected_file(name: str, actual: str) -> None:
+    """``actual`` is tests/expected/<name>.txt (expecttest for long graphs); EXPECTTEST_ACCEPT=1 records it."""
+    path = _EXPECTED / f"{name}.txt"
+    if os.environ.get("EXPECTTEST_ACCEPT") == "1":
+        path.write_text(actual)
+        return
+    assert path.exists(), f"{path} is missing: record it with EXPECTTEST_ACCEPT=1"
+    expected = path.read_text()
+    diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "expected", "actual"))
+    assert actual == expected, f"{name} differs (EXPECTTEST_ACCEPT=1 records the new one):\n{diff}"
+
+
 def rewrites() -> dict:
     return dict(counters["inductor_moe"])
 
@@ -54,11 +72,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert error <= bound, f"{what}: error {error:.3g} > {bound:.3g} (norm {expected.norm():.3g}, {dtype})"
 
 
-def forward_and_grads(model, x: torch.Tensor, grad: torch.Tensor):
-    """Output and gradients for x and every parameter, with a given output gradient."""
-    x = x.detach().requires_grad_()
-    out = model(x)
-    return [out, *torch.autograd.grad(out, [x, *model.parameters()], grad, allow_unused=True)]
+def main_output(out):
+    """A model's main output: a tensor, a tuple's first element, or a transformers output's logits."""
+    if isinstance(out, tuple):
+        return out[0]
+    return getattr(out, "logits", out)
+
+
+def forward_and_grads(model, x: torch.Tensor, grad_like):
+    """Output and gradients for x (if floating point) and every parameter, for the output gradient
+    ``grad_like(output)``."""
+    inputs = [x.detach().requires_grad_()] if x.is_floating_point() else []
+    out = main_output(model(*inputs or [x]))
+    return [out, *torch.autograd.grad(out, [*inputs, *model.parameters()], grad_like(out), allow_unused=True)]
 
 
 def assert_matches_eager(model, compiled, x: torch.Tensor) -> None:
@@ -68,16 +94,23 @@ def assert_matches_eager(model, compiled, x: torch.Tensor) -> None:
     be 4x eager's own, since ill-conditioned values (a router gradient through the
     renormalisation, say) carry a large low-precision error in eager too.
     """
-    grad = torch.randn(x.shape, dtype=x.dtype)
-    names = ["output", "grad of x", *(f"grad of {name}" for name, _ in model.named_parameters())]
-    eager = forward_and_grads(model, x, grad)
-    actual = forward_and_grads(compiled, x, grad)
-    if x.dtype == torch.float32:
+    dtype = next(model.parameters()).dtype
+    seed = int(torch.randint(2**31, ()))
+
+    def grad_like(out):  # the same values in every run, rounded to the model's dtype
+        return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(out.dtype)
+
+    names = ["output", *(["grad of x"] if x.is_floating_point() else []),
+             *(f"grad of {name}" for name, _ in model.named_parameters())]
+    eager = forward_and_grads(model, x, grad_like)
+    actual = forward_and_grads(compiled, x, grad_like)
+    if dtype == torch.float32:
         reference, bounds = eager, [None] * len(eager)
     else:
-        reference = forward_and_grads(copy.deepcopy(model).float(), x.float(), grad.float())
+        upcast = x.float() if x.is_floating_point() else x
+        reference = forward_and_grads(copy.deepcopy(model).float(), upcast, grad_like)
         bounds = [None if e is None else 4 * _error(e, r) for e, r in zip(eager, reference)]
-    for name, a, r, bound in zip(names, actual, reference, bounds):
+    for name, a, r, bound in zip(names, actual, reference, bounds, strict=True):
         assert (a is None) == (r is None), f"{name}: compiled {a is None}, eager {r is None}"
         if r is not None:
-            assert_close(a, r, x.dtype, name, bound)
+            assert_close(a, r, dtype, name, bound)

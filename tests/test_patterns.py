@@ -13,6 +13,7 @@ from helpers import rewrites, rewritten_code
 from torch import nn
 
 from inductor_moe import models
+from inductor_moe.patterns import normalize
 from inductor_moe.patterns.graph_pass import rewrite_moe
 
 SMALL = models.MoEConfig(hidden=16, intermediate=8, num_experts=3, top_k=2)
@@ -208,6 +209,47 @@ class RewrittenGraphs(TestCase):
 
 # --- near misses ---------------------------------------------------------------------------------
 
+    def test_group_limited_sigmoid_router(self):
+        code = rewritten_code(GroupLimitedRouter(), x_for())
+        self.assertExpectedInline(code, """\
+    gate_weight_ = L_self_gate_weight_
+    l_x_ = L_x_
+    bias_ = L_self_bias_
+    linear = torch._C._nn.linear(l_x_, gate_weight_, None)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True, scoring = 'sigmoid', bias = bias_, scale = 2.5, n_group = 4, topk_group = 2, group_fill = -inf)
+    getitem_6 = route_default[1]
+    to = getitem_6.to(torch.int64)
+    getitem_7 = route_default[0]
+    return (getitem_7, to)
+""")
+        self.assertEqual(rewrites(), {"router": 1})
+
+    def test_topk_then_softmax_router(self):
+        code = rewritten_code(TopKThenSoftmaxRouter().bfloat16(), x_for(torch.bfloat16))
+        self.assertExpectedInline(code, """\
+    gate_weight_ = L_self_gate_weight_
+    gate_bias_ = L_self_gate_bias_
+    l_x_ = L_x_
+    linear = torch._C._nn.linear(l_x_, gate_weight_, gate_bias_)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = False, scoring = 'softmax_of_topk')
+    getitem_2 = route_default[1]
+    to = getitem_2.to(torch.int64)
+    getitem_3 = route_default[0]
+    to_1 = getitem_3.to(torch.bfloat16)
+    return (to_1, to)
+""")
+        self.assertEqual(rewrites(), {"router": 1})
+
+    def test_interleaved_clamped_swiglu(self):
+        code = rewritten_code(InterleavedExperts(SMALL).bfloat16(), x_for(torch.bfloat16))
+        self.assertIn("'swiglu_oai', interleaved = True, limit = 1.5)", code)
+        self.assertEqual(rewrites(), {"router": 1, "sorted_grouped_mm_experts": 1})
+
+    def test_interleaved_swiglu(self):
+        code = rewritten_code(InterleavedExperts(SMALL, clamped=False).bfloat16(), x_for(torch.bfloat16))
+        self.assertIn("'swiglu', interleaved = True)", code)
+        self.assertEqual(rewrites(), {"router": 1, "sorted_grouped_mm_experts": 1})
+
 
 class CapacityLimitedLoop(models.MaskedLoop):
     """Each expert takes at most `capacity` tokens: the rest are dropped."""
@@ -237,17 +279,9 @@ class NormalisedExpert(models.ExpertMLP):
 
 
 class MishSortedGroupedMM(models.SortedGroupedMM):
-    def forward(self, x):
-        cfg = self.cfg
-        weights, ids = self.router(x)
-        flat_ids = ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        counts = torch.histc(flat_ids.float(), bins=cfg.num_experts, min=0, max=cfg.num_experts - 1)
-        offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = torch._grouped_mm(x[order // cfg.top_k], self.w1, offs=offsets).chunk(2, dim=-1)
-        y = torch._grouped_mm(F.mish(gate) * up, self.w2, offs=offsets)
-        y = y * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros(x.shape, dtype=y.dtype).index_add_(0, order // cfg.top_k, y).to(x.dtype)
+    def activate(self, h):
+        gate, up = h.chunk(2, dim=-1)
+        return F.mish(gate) * up
 
 
 class LowPrecisionRouter(models.TopKRouter):
@@ -293,8 +327,65 @@ class SoftMixture(models.DenseLoop):
         return out.to(x.dtype)
 
 
+class GroupLimitedRouter(nn.Module):
+    """DeepSeek-V3's router written out: sigmoid scores, a score-correction bias for the choice,
+    the best 2 of 4 expert groups, renormalised and scaled weights. ``group_score`` "top2" is V3's,
+    "max" is DeepSeek-V2's (not modelled); ``weights_from`` "choice" would weight by the biased scores."""
+
+    def __init__(self, group_score="top2", weights_from="scores"):
+        super().__init__()
+        self.gate = nn.Linear(SMALL.hidden, 8, bias=False)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.group_score, self.weights_from = group_score, weights_from
+
+    def forward(self, x):
+        scores = self.gate(x).float().sigmoid()
+        choice = scores + self.bias
+        grouped = choice.view(-1, 4, 2)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if self.group_score == "top2" else grouped.amax(dim=-1)
+        group_idx = torch.topk(group_scores, k=2, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, 4, 2).reshape(-1, 8)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=2, dim=-1, sorted=False)[1]
+        weights = (scores if self.weights_from == "scores" else choice).gather(1, ids)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * 2.5, ids
+
+
+class TopKThenSoftmaxRouter(nn.Module):
+    """gpt-oss's order: the top-k logits, then a softmax over them (``largest=False`` is no router)."""
+
+    def __init__(self, largest=True):
+        super().__init__()
+        self.gate = nn.Linear(SMALL.hidden, SMALL.num_experts)
+        self.largest = largest
+
+    def forward(self, x):
+        values, ids = torch.topk(self.gate(x), SMALL.top_k, dim=-1, largest=self.largest)
+        return F.softmax(values, dim=1, dtype=values.dtype), ids
+
+
+class InterleavedExperts(models.SortedGroupedMM):
+    """Gate and up as the even and odd columns of one projection, with gpt-oss's clamped SwiGLU
+    (``up_limit`` other than the gate's limit is no such thing) or a plain SwiGLU."""
+
+    def __init__(self, cfg, clamped=True, up_limit=1.5):
+        super().__init__(cfg)
+        self.clamped, self.up_limit = clamped, up_limit
+
+    def activate(self, h):
+        gate, up = h[..., ::2], h[..., 1::2]
+        if not self.clamped:
+            return F.silu(gate) * up
+        gate, up = gate.clamp(min=None, max=1.5), up.clamp(min=-self.up_limit, max=self.up_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * 1.702))
+
+
 def graph_code_and_logs(model, x):
-    """(code before, code after, log messages) of the rewrite of model's dynamo graph."""
+    """(code before, code after, log messages) of the rewrite of model's dynamo graph, ``before``
+    once functionalized (the rewrite's first step, which changes no value)."""
     graphs = []
 
     def capture(gm, example_inputs):
@@ -305,6 +396,7 @@ def graph_code_and_logs(model, x):
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         torch.compile(model, backend=capture)(x)
     (gm,) = graphs
+    normalize.functionalize(gm.graph)  # in-place ops made functional: AOTAutograd would do it anyway
     before = gm.graph.python_code("self").src
     records = []
     handler = logging.Handler()
@@ -367,3 +459,18 @@ class NearMisses(TestCase):
         before, after, messages = graph_code_and_logs(model, x_for())
         self.assertEqual(before, after)
         self.assertEqual(messages, [])
+
+    def test_group_scores_by_max_are_not_modelled(self):
+        self.assert_untouched(GroupLimitedRouter(group_score="max"), x_for(), "group scores is amax, not sum")
+
+    def test_weights_from_the_biased_scores(self):
+        self.assert_untouched(GroupLimitedRouter(weights_from="choice"), x_for(),
+                              "the routing weights are not the chosen scores")
+
+    def test_bottom_k_is_no_router(self):
+        self.assert_untouched(TopKThenSoftmaxRouter(largest=False), x_for(), None)
+
+    def test_clamped_swiglu_with_another_up_limit(self):
+        _, after, messages = graph_code_and_logs(InterleavedExperts(SMALL, up_limit=2.0).bfloat16(), x_for(torch.bfloat16))
+        self.assertNotIn("inductor_moe.experts", after)
+        self.assertTrue(any("up is clamped to [-2.0, 2.0]" in m for m in messages), messages)

@@ -60,6 +60,11 @@ class Activation:
         if self.interleaved and not self.gated:
             raise ValueError(f"inductor_moe: {self.name} is not gated, so it has no interleaved gate and up")
 
+    def __str__(self) -> str:
+        options = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)[1:]
+                   if getattr(self, f.name) != f.default]
+        return f"{self.name}({', '.join(options)})" if options else self.name
+
     @property
     def function(self) -> str:
         """The elementwise function (of the gate, when gated)."""
@@ -87,7 +92,7 @@ class Activation:
         gate, up = self.split(h)
         if self.function == "swiglu_oai":
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-            return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))  # gpt-oss's rounding order
         return _FUNCTIONS[self.function][0](gate) * up
 
     def backward(self, h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
     down(act(gate(v)) * up(v))                        gated, separate gate and up projections
     down(act(g) * u) with g, u = up(v).chunk(2, -1)   gated, one fused gate_up projection
     down(act(up(v)))                                  plain MLP
+    gated with h = up(v) split into even and odd columns (``h[..., ::2]``, ``h[..., 1::2]``), and
+    gpt-oss's clamped SwiGLU ``(clamp(u, -l, l) + 1) * g * sigmoid(alpha * g)``, ``g = clamp(gate, max=l)``
 
 A style passes ``project``, which recognises one projection in its own terms (an ``nn.Linear``
 per expert, ``_grouped_mm`` over stacked weights, ``bmm`` over gathered weights) and says where
@@ -13,10 +15,22 @@ bodies and refuses the same things.
 import dataclasses
 from collections.abc import Callable
 
+import torch
 from torch.fx import Node
 
-from ..ops.activations import ACTIVATIONS, activation_name
-from .fx import NoMatch, call, dtype, expect, getitem_users, is_call, is_last_dim, require, shape
+from ..ops.activations import ACTIVATIONS, Activation, activation_name
+from .fx import (
+    NoMatch,
+    call,
+    describe,
+    dtype,
+    expect,
+    getitem_users,
+    is_call,
+    is_last_dim,
+    require,
+    shape,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +57,7 @@ class Projection:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertMLP:
-    activation: str
+    activation: Activation
     w1: Weight
     b1: Weight | None
     w2: Weight
@@ -81,23 +95,36 @@ def _elementwise(node: Node) -> tuple[str, Node] | None:
     return None
 
 
-def _describe(node: Node) -> str:
-    c = call(node)
-    return c.name if c else (node.target.__name__ if callable(node.target) else str(node.target))
+def _columns(index: object, start: int, ndim: int) -> bool:
+    """``index`` is ``[..., start::2]`` (or ``[:, start::2]``): every other column of the last dim."""
+    if not isinstance(index, tuple) or not index:
+        return False
+    *lead, last = index
+    full = all(i is Ellipsis or i == slice(None) for i in lead) and (Ellipsis in lead or len(index) == ndim)
+    return full and isinstance(last, slice) and (last.start or 0) == start and last.stop is None and last.step == 2
 
 
-def _split_gate_up(gate: Node, up: Node) -> Node | None:
-    """``h`` if gate, up are ``h.chunk(2, -1)``'s halves in that order."""
-    if not (is_call(gate, "getitem") and is_call(up, "getitem") and gate.args[0] is up.args[0]):
+def _split_gate_up(gate: Node, up: Node) -> tuple[Node, bool, set] | None:
+    """(h, interleaved, nodes) if gate, up are ``h.chunk(2, -1)``'s halves in that order, or
+    (interleaved) ``h[..., ::2]`` and ``h[..., 1::2]``; None if they are no split of one tensor."""
+    if not (is_call(gate, "getitem") and is_call(up, "getitem")):
         return None
-    chunk = call(gate.args[0])
-    if chunk is None or chunk.name != "chunk" or chunk["chunks"] != 2:
+    source = call(gate)["input"]
+    if call(up)["input"] is not source:
+        return None
+    chunk = call(source)
+    if chunk is None or chunk.name != "chunk":
+        ndim = len(shape(source))
+        if _columns(call(gate)["index"], 0, ndim) and _columns(call(up)["index"], 1, ndim):
+            return source, True, set()
+        return None
+    if chunk["chunks"] != 2:
         return None
     if not is_last_dim(chunk["dim"], len(shape(chunk["input"]))):
         return None
     halves = getitem_users(chunk.node)
     require(halves.get(0) is gate and halves.get(1) is up, "gate is the second half of the fused projection")
-    return chunk["input"]
+    return chunk["input"], False, {source}
 
 
 def _concat(a: Weight | None, b: Weight | None) -> Weight | None:
@@ -111,16 +138,66 @@ def _concat(a: Weight | None, b: Weight | None) -> Weight | None:
 _SUPPORTED = ", ".join(sorted(ACTIVATIONS))
 
 
-def _gated_product(a: Node) -> tuple[str, Node, Node, Node] | None:
-    """(function, gate, up, activation node) for ``act(gate) * up``; None if ``a`` is no product."""
+def _number(x: object) -> float | None:
+    """A Python number, or the value of a float that dynamo made symbolic (``dynamic=True`` turns a
+    module's float attribute into an input): reading it specializes the graph on it, with a guard."""
+    if isinstance(x, Node) and isinstance(x.meta.get("example_value"), torch.SymFloat):
+        x = float(x.meta["example_value"])
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _operands(c, want) -> tuple | None:
+    """(first, second) of a commutative call with ``want(first)`` true, trying both orders."""
+    for first, second in ((c["input"], c["other"]), (c["other"], c["input"])):
+        if want(first):
+            return first, second
+    return None
+
+
+def _clamped_swiglu(a: Node) -> tuple[str, Node, Node, set, dict] | None:
+    """gpt-oss's ``(clamp(up, -limit, limit) + 1) * (g * sigmoid(g * alpha))``, ``g = clamp(gate, max=limit)``."""
+    c = call(a)
+    if c is None or c.name != "mul":
+        return None
+    pair = _operands(c, lambda n: is_call(n, "add") and call(n)["alpha"] == 1 and
+                     _operands(call(n), lambda m: _number(m) == 1.0) is not None)
+    if pair is None:
+        return None
+    plus_one, glu = pair
+    up_clamp = _operands(call(plus_one), lambda m: _number(m) == 1.0)[1]
+    g = call(glu)
+    if not (is_call(glu, "mul") and is_call(up_clamp, "clamp")):
+        return None
+    found = _operands(g, lambda n: is_call(n, "sigmoid") and is_call(call(n)["input"], "mul"))
+    if found is None:
+        return None
+    sigmoid, gate_clamp = found
+    scaled = call(call(sigmoid)["input"])
+    alpha_gate = _operands(scaled, lambda n: n is gate_clamp)
+    if alpha_gate is None or _number(alpha_gate[1]) is None or not is_call(gate_clamp, "clamp"):
+        return None
+    gc, uc = call(gate_clamp), call(up_clamp)
+    limit = _number(gc["max"])
+    require(gc["min"] is None and limit is not None, f"gate clamp to [{gc['min']}, {gc['max']}] is not clamp(max=limit)")
+    require(_number(uc["min"]) == -limit and _number(uc["max"]) == limit,
+            f"up is clamped to [{uc['min']}, {uc['max']}], the gate at max={limit}: not gpt-oss's clamped SwiGLU")
+    nodes = {a, plus_one, glu, sigmoid, scaled.node, gate_clamp, up_clamp}
+    return "swiglu_oai", gc["input"], uc["input"], nodes, {"alpha": _number(alpha_gate[1]), "limit": limit}
+
+
+def _gated_product(a: Node) -> tuple[str, Node, Node, set, dict] | None:
+    """(function, gate, up, activation nodes, parameters) for ``act(gate) * up`` or gpt-oss's
+    clamped SwiGLU; None if ``a`` is no product."""
+    if (found := _clamped_swiglu(a)) is not None:
+        return found
     c = call(a)
     if c is None or c.name != "mul" or _elementwise(a) is not None:
         return None
     for gate_side, up_side in ((c["input"], c["other"]), (c["other"], c["input"])):
         if (found := _elementwise(gate_side)) is not None:
-            return found[0], found[1], up_side, gate_side
+            return found[0], found[1], up_side, {gate_side}, {}
     raise NoMatch(
-        f"expert activation {_describe(c['input'])} * {_describe(c['other'])} is not supported "
+        f"expert activation {describe(c['input'])} * {describe(c['other'])} is not supported "
         f"(supported: {_SUPPORTED})"
     )
 
@@ -132,11 +209,13 @@ def match_mlp(out: Node, project: Project) -> ExpertMLP:
     nodes.add(a)
     projections = [down]
     gated = _gated_product(a)
+    interleaved, parameters = False, {}
     if gated is not None:
-        function, gate, up, act_node = gated
-        nodes |= {act_node, gate, up}
-        if (h := _split_gate_up(gate, up)) is not None:
-            nodes.add(gate.args[0])
+        function, gate, up, act_nodes, parameters = gated
+        nodes |= act_nodes | {gate, up}
+        if (split := _split_gate_up(gate, up)) is not None:
+            h, interleaved, split_nodes = split
+            nodes |= split_nodes
             projections.append(project(h))
             w1, b1 = projections[-1].weight, projections[-1].bias
         else:
@@ -146,12 +225,13 @@ def match_mlp(out: Node, project: Project) -> ExpertMLP:
             w1, b1 = _concat(g.weight, u.weight), _concat(g.bias, u.bias)
     else:
         found = _elementwise(a)
-        require(found is not None, f"expert activation {_describe(a)} is not supported (supported: {_SUPPORTED})")
+        require(found is not None, f"expert activation {describe(a)} is not supported (supported: {_SUPPORTED})")
         function, h = found
         projections.append(project(h))
         w1, b1 = projections[-1].weight, projections[-1].bias
-    activation = activation_name(function, gated is not None)
-    require(activation is not None, f"{'gated ' if gated else ''}{function} is not a supported activation")
+    name = activation_name(function, gated is not None)
+    require(name is not None, f"{'gated ' if gated else ''}{function} is not a supported activation")
+    activation = Activation(name, interleaved, **parameters)
     rows = projections[-1].input
     for p in projections:
         nodes |= p.nodes

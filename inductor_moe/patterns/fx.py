@@ -158,9 +158,20 @@ def is_call(node: object, *names: str) -> bool:
 def expect(node: object, *names: str, what: str = "") -> Call:
     """``call(node)`` if it is one of ``names``, else NoMatch naming what was found."""
     c = call(node)
-    found = c.name if c else getattr(node, "format_node", lambda: repr(node))()
-    require(c is not None and c.name in names, f"{what or 'value'} is {found}, not {' or '.join(names)}")
+    require(c is not None and c.name in names, f"{what or 'value'} is {describe(node)}, not {' or '.join(names)}")
     return c
+
+
+def describe(node: object) -> str:
+    """A short name for what ``node`` computes, for messages: ``softmax``, ``amax``, a placeholder's name."""
+    c = call(node)
+    if c is not None:
+        return c.name
+    if not isinstance(node, Node):
+        return repr(node)
+    if node.op in ("call_function", "call_method", "call_module"):
+        return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return node.name
 
 
 def value(node: Node):

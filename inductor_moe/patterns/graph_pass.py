@@ -1,5 +1,11 @@
-"""The pre-grad pass: run every matcher over dynamo's graph and rewrite what they find."""
+"""The pre-grad pass: run every matcher over dynamo's graph and rewrite what they find.
 
+Every decision is logged (logger ``inductor_moe``, also through ``TORCH_LOGS=inductor_moe``) and,
+inside ``recording()``, kept as a ``Decision`` for ``inductor_moe.explain``.
+"""
+
+import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -9,7 +15,9 @@ from torch.fx import Graph, Node
 
 from .. import config
 from . import dispatch, normalize, rewrite, router
+from .dispatch import Block
 from .fx import NoMatch
+from .router import Router
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +28,64 @@ PATTERNS = {
 }
 
 
+def _module(node: Node) -> str:
+    """The innermost module that made ``node``, by its name in the compiled model (dynamo's L['self'])."""
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    if not stack:
+        return ""
+    name = re.sub(r"^L\['self'\]\.?", "", stack[-1][0])
+    return f" in {name or 'the model'} ({stack[-1][1].__name__})"
+
+
 def _where(node: Node) -> str:
-    """The node and the user's source line that made it, for log messages."""
+    """The node, its module and the user's source line that made it, for log messages."""
     lines = node.meta.get("stack_trace", "").splitlines()
     frames = [(i, m) for i, line in enumerate(lines) if (m := re.match(r'\s*File "(.*)", line (\d+)', line))]
     if not frames:
-        return node.name
+        return node.name + _module(node)
     i, match = frames[-1]
     code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-    return f"{node.name} ({os.path.basename(match[1])}:{match[2]}: {code})"
+    return f"{node.name}{_module(node)}, {os.path.basename(match[1])}:{match[2]}: {code}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What a matcher concluded about one candidate region."""
+
+    pattern: str
+    where: str  # the region's last node and the user's source line
+    rewritten: bool
+    detail: str  # the canonical op it became, or why it was left alone
+
+
+_recorders: list[list[Decision]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the decisions of every ``rewrite_moe`` run inside the block."""
+    decisions: list[Decision] = []
+    _recorders.append(decisions)
+    try:
+        yield decisions
+    finally:
+        _recorders.remove(decisions)
+
+
+def _decide(decision: Decision, level: int = logging.INFO, exc_info: bool = False) -> None:
+    verb = "rewrote the block ending at" if decision.rewritten else "left alone"
+    log.log(level, "%s: %s %s: %s", decision.pattern, verb, decision.where, decision.detail, exc_info=exc_info)
+    for decisions in _recorders:
+        decisions.append(decision)
+
+
+def _became(found: Block | Router) -> str:
+    """The canonical op call a region became, for the log."""
+    if isinstance(found, Router):
+        options = {"k": found.k, **found.options}
+        shown = ", ".join(f"{k}={v.name if isinstance(v, Node) else repr(v)}" for k, v in options.items())
+        return f"inductor_moe.route({shown})"
+    return f"inductor_moe.experts({found.mlp.activation})"
 
 
 def rewrite_moe(graph: Graph) -> None:
@@ -46,10 +103,10 @@ def rewrite_moe(graph: Graph) -> None:
                 if found is None or not rewrite_block(graph, found):
                     continue
             except NoMatch as reason:
-                log.info("%s: left %s alone: %s", name, _where(node), reason)
+                _decide(Decision(name, _where(node), False, str(reason)))
                 continue
-            except Exception:  # a matcher bug must cost speed, never the user's compile
-                log.warning("%s: internal error at %s; block left alone", name, _where(node), exc_info=True)
+            except Exception as error:  # a matcher bug must cost speed, never the user's compile
+                _decide(Decision(name, _where(node), False, f"internal error ({error!r})"), logging.WARNING, True)
                 continue
             counters["inductor_moe"][name] += 1
-            log.info("%s: rewrote the block ending at %s", name, _where(node))
+            _decide(Decision(name, _where(node), True, _became(found)))

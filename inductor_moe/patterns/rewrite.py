@@ -7,6 +7,7 @@ Every check runs before the graph changes; a refusal leaves the graph exactly as
 """
 
 import contextlib
+import dataclasses
 import operator
 
 import torch
@@ -169,13 +170,15 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
     outputs = (block.result, *block.accumulators)
     mlp = block.mlp
     weights = [n for w in (mlp.w1, mlp.b1, mlp.w2, mlp.b2) for n in _weight_nodes(w)]
+    act = mlp.activation
+    options = {f.name: getattr(act, f.name) for f in dataclasses.fields(act)[1:] if getattr(act, f.name) != f.default}
 
     def build(emit: Emitter) -> dict:
         op = emit.function(
             torch.ops.inductor_moe.experts.default,
             block.x, block.ids, block.weights,
             _assemble(emit, mlp.w1), _assemble(emit, mlp.w2), _assemble(emit, mlp.b1), _assemble(emit, mlp.b2),
-            mlp.activation,
+            act.name, **options,
         )
         out = emit.function(operator.getitem, op, 0)
         if dtype(out) != dtype(block.result):
