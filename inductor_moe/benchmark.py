@@ -17,7 +17,7 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
-from . import models
+from . import config, models
 
 IMPLS = ("eager", "torch.compile", "inductor_moe")
 
@@ -26,13 +26,27 @@ def variants(model: torch.nn.Module, max_autotune: bool = False) -> dict:
     """Eager, stock torch.compile and torch.compile + inductor_moe (in max-autotune if asked)."""
     extra = {"max_autotune": True} if max_autotune else {}
     suffix = " max-autotune" if max_autotune else ""
+    # Distinct options keep dynamo from reusing one compile's code for the other.
+    stock = torch.compile(model, options={"pre_grad_custom_pass": None, **extra})
     return {
         "eager": model,
-        # Distinct options keep dynamo from reusing one compile's code for the other, and leave
-        # inductor_moe's pass out of this one: stock torch.compile.
-        "torch.compile" + suffix: torch.compile(model, options={"pre_grad_custom_pass": None, **extra}),
+        "torch.compile" + suffix: _without_plugin(stock),
         "inductor_moe" + suffix: torch.compile(model, options=extra),
     }
+
+
+def _without_plugin(fn):
+    """``fn`` compiled and run with inductor_moe off: stock torch.compile, transformers' experts as configured."""
+
+    def run(*args):
+        with config.patch(enabled=False):
+            return fn(*args)
+
+    return run
+
+
+def _main(out):
+    return out[0] if isinstance(out, tuple) else out  # blocks that also return their router logits
 
 
 def _step(model, fn, x: torch.Tensor, backward: bool):
@@ -41,7 +55,7 @@ def _step(model, fn, x: torch.Tensor, backward: bool):
 
     def train_step():
         model.zero_grad(set_to_none=True)  # as a training loop does: no accumulation into .grad
-        fn(x).float().square().mean().backward()
+        _main(fn(x)).float().square().mean().backward()
 
     return train_step
 
@@ -165,7 +179,7 @@ def run(styles: list[str], args) -> list[dict]:
         torch.manual_seed(0)
         model = models.build(style, cfg).to(dtype)
         x = torch.randn(args.tokens, args.hidden, dtype=dtype)
-        if style.startswith("transformers_"):
+        if style not in models.STYLES:  # transformers blocks take [batch, sequence, hidden]
             x = x.view(1, args.tokens, args.hidden)
         medians, _, rewrites = measure(model, x, backward=args.backward, rounds=args.rounds)
         print(f"{style}: inductor_moe rewrote {rewrites or 'nothing'}")
@@ -181,8 +195,8 @@ def run(styles: list[str], args) -> list[dict]:
 def main() -> None:
     p = parser("Compile a built-in MoE block eagerly, with torch.compile and with torch.compile + "
                "inductor_moe; print what was rewritten and the throughput of each.")
-    p.add_argument("--style", default="sorted_grouped_mm", help=f"one of {sorted(models.STYLES)} "
-                   "or transformers_grouped_mm / transformers_batched_mm")
+    p.add_argument("--style", default="sorted_grouped_mm", help=f"one of {sorted(models.STYLES)}, or "
+                   f"<family>_<grouped_mm|batched_mm|eager> for a transformers family in {sorted(models.FAMILIES)}")
     args = p.parse_args()
     logging.basicConfig(format="%(message)s")
     logging.getLogger("inductor_moe").setLevel(logging.INFO)
