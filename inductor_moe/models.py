@@ -1,8 +1,9 @@
 """Built-in MoE blocks, written the plain way people write them: one per supported style.
 
 They are the demo's, the tests' and the benchmarks' models; nothing in them knows about
-inductor_moe. Each maps ``[..., hidden]`` to the same shape. ``transformers_block`` builds the
-Hugging Face Mixtral block with a chosen experts implementation (needs ``transformers``).
+inductor_moe. Each maps ``[..., hidden]`` to the same shape. ``transformers_model`` builds a
+transformers family's MoE block or tiny LM with a chosen experts implementation (needs
+``transformers``), ``torchtitan_moe`` torchtitan's MoE layer (needs ``torchtitan``).
 """
 
 import dataclasses
@@ -229,14 +230,44 @@ def transformers_model(family: str, experts_implementation: str, cfg: MoEConfig,
     return model
 
 
+def torchtitan_moe(cfg: MoEConfig, scoring: str = "softmax", groups: tuple[int, int] | None = None,
+                   scale: float = 1.0) -> nn.Module:
+    """torchtitan's MoE layer (token-choice router, expert-sorted rows, ``torch._grouped_mm``,
+    scatter-add) with random weights; ``groups`` = (n_group, topk_group). Needs ``torchtitan``."""
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.moe import MoE, GroupedExperts, RoutedExperts, TokenChoiceTopKRouter
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    n_group, topk_group = groups or (None, None)
+    model = MoE.Config(
+        num_experts=cfg.num_experts,
+        routed_experts=RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(dim=cfg.hidden, hidden_dim=cfg.intermediate, num_experts=cfg.num_experts),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=cfg.num_experts, top_k=cfg.top_k),
+        ),
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=cfg.num_experts, gate=Linear.Config(in_features=cfg.hidden, out_features=cfg.num_experts),
+            top_k=cfg.top_k, score_func=scoring, route_norm=cfg.renormalize, route_scale=scale,
+            num_expert_groups=n_group, num_limited_groups=topk_group,
+        ),
+    ).build()
+    for tensor in model.parameters():
+        nn.init.normal_(tensor, std=tensor.shape[-1] ** -0.5)
+    if model.expert_bias_E is not None:  # the load-balancing bias an optimizer hook would have learned
+        model.expert_bias_E.normal_(std=0.1)
+    return model
+
+
 def transformers_block(experts_implementation: str, cfg: MoEConfig) -> nn.Module:
     """Hugging Face's Mixtral block with ``grouped_mm``, ``batched_mm`` or ``eager`` experts."""
     return transformers_model("mixtral", experts_implementation, cfg)
 
 
 def build(style: str, cfg: MoEConfig) -> nn.Module:
-    """A block by style name: a key of STYLES, ``transformers_<implementation>`` (Mixtral), or
-    ``<family>_<implementation>`` for a key of FAMILIES."""
+    """A block by style name: a key of STYLES, ``transformers_<implementation>`` (Mixtral),
+    ``<family>_<implementation>`` for a key of FAMILIES, or ``torchtitan``."""
+    if style == "torchtitan":
+        return torchtitan_moe(cfg)
     if style.startswith("transformers_"):
         return transformers_block(style.removeprefix("transformers_"), cfg)
     for family in FAMILIES:

@@ -3,14 +3,16 @@
     y * w[:, None]                         scale rows by their routing weight
     rows.view(T, k, H).sum(1)              rows in pair order (pair = token * k + slot)
     rows[inverse(perm)].view(T, k, H)...   rows in expert order: unpermute, then sum
-    zeros(T, H).index_add_(0, tok, rows)   or scatter-add them to their tokens
+    zeros(T, H).index_add_(0, tok, rows)   or add them to their tokens (also scatter_add with
+                                           tok.reshape(-1, 1).expand(-1, H), torchtitan)
 """
 
 from collections.abc import Callable
 
+import torch
 from torch.fx import Node
 
-from .fx import call, expect, is_call, require, same_shape, shape
+from .fx import call, dtype, expect, is_call, require, same_shape, shape
 
 
 def single_user(node: Node, what: str) -> Node:
@@ -29,13 +31,22 @@ def column(node: Node) -> tuple[Node, set]:
     return v, {node}
 
 
-def weighted_rows(y: Node) -> tuple[Node, Node]:
-    """(scaled, column) for the one use ``y * column`` of the expert outputs; the caller must
-    prove that the column holds each row's routing weight."""
-    scaled = single_user(y, "the expert output")
-    c = expect(scaled, "mul", what="the use of the expert output")
+def weighted_rows(y: Node) -> tuple[Node, Node, set]:
+    """(scaled, column, nodes) for the one use ``y * column`` of the expert outputs, also as
+    ``(y.float() * column).to(y.dtype)`` (torchtitan), where the op's float32 accumulation is at
+    least as exact; the caller must prove that the column holds each row's routing weight."""
+    node, nodes = y, set()
+    while is_call(use := single_user(node, "the expert output"), "to") and dtype(use) in (dtype(y), torch.float32):
+        node = use
+        nodes.add(node)
+    c = expect(use, "mul", what="the use of the expert output")
     require(not c.inplace, "the expert output is scaled in place")
-    return scaled, c["other"] if c["input"] is y else c["input"]
+    column = c["other"] if c["input"] is node else c["input"]
+    scaled = use
+    if len(scaled.users) == 1 and is_call(back := next(iter(scaled.users)), "to") and dtype(back) == dtype(y):
+        nodes.add(scaled)
+        scaled = back
+    return scaled, column, nodes | {scaled}
 
 
 def is_fresh_zeros(node: Node) -> bool:
@@ -56,6 +67,19 @@ def sum_token_rows(rows: Node, num_tokens, k: int) -> tuple[Node, set]:
     c = expect(total, "sum", what="the reduction over experts")
     require(c["dim"] in (1, -2, (1,), (-2,)) and not c["keepdim"], f"the sum runs over dim {c['dim']}")
     return total, {view, total}
+
+
+def _row_index(index: object, rows: Node) -> Node | None:
+    """``i`` for a scatter index ``i.reshape(-1, 1).expand(-1, H)`` (or ``i.unsqueeze(-1)``, ``expand_as``)
+    that sends whole rows of ``rows`` to rows ``i``; None otherwise."""
+    c = call(index)
+    if c is None or c.name != "expand" or not same_shape(shape(index), shape(rows)):
+        return None
+    column_of = call(c["input"])
+    if column_of is None or column_of.name not in ("reshape", "unsqueeze") or shape(c["input"])[-1] != 1:
+        return None
+    i = column_of["input"]
+    return i if len(shape(i)) == 1 else None
 
 
 def _inverse_permutation(inverse: Node, perm: Node) -> set:
@@ -87,17 +111,19 @@ def unpermute_sum(rows: Node, perm: Node, is_token_index: Callable[[Node], bool]
     later reads also see the result.
     """
     use = single_user(rows, "the scaled expert rows")
-    c = expect(use, "getitem", "index_select", "index_add", what="the use of the scaled expert rows")
-    if c.name == "index_add":
+    c = expect(use, "getitem", "index_select", "index_add", "scatter_add", what="the use of the scaled expert rows")
+    if c.name in ("index_add", "scatter_add"):
         zeros = c["input"]
-        require(c["source"] is rows and c["dim"] == 0, f"{use} does not add the rows along dim 0")
-        require(is_token_index(c["index"]), f"{use} adds rows to {c['index']}, not to their tokens")
+        source, index = (c["source"], c["index"]) if c.name == "index_add" else (c["src"], _row_index(c["index"], rows))
+        require(source is rows and c["dim"] == 0, f"{use} does not add the rows along dim 0")
+        require(is_token_index(index), f"{use} adds rows to {index}, not to their tokens")
         require(is_fresh_zeros(zeros), f"{use} accumulates into {zeros}, not a fresh zero tensor")
         require(
             same_shape(shape(zeros), (num_tokens, shape(rows)[-1])),
             f"{use} accumulates into shape {shape(zeros)}",
         )
-        return use, ((zeros,) if c.inplace else ()), {use, zeros}
+        nodes = {use, zeros} | ({c["index"], call(c["index"])["input"]} if c.name == "scatter_add" else set())
+        return use, ((zeros,) if c.inplace else ()), nodes
     inverse = c["index"]
     if c.name == "index_select":
         require(c["dim"] == 0, f"{use} selects along dim {c['dim']}")

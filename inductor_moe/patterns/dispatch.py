@@ -23,7 +23,7 @@ from torch.fx import Node
 
 from . import combine
 from .experts import ExpertMLP, Projection, Weight, biased, linear_projection, match_mlp, skip_noop_casts, with_bias
-from .fx import NoMatch, call, expect, is_call, require, same_shape, same_size, shape
+from .fx import NoMatch, call, expect, is_call, is_last_dim, require, same_shape, same_size, scattered_constant, shape
 
 
 @dataclasses.dataclass
@@ -106,6 +106,8 @@ def _expert_offsets(offsets: Node, num_experts: int) -> tuple[Node, set]:
     c = expect(node, "cumsum", what="grouped_mm offsets")
     require(c["dim"] in (0, -1), f"offsets {offsets} are a cumsum over dim {c['dim']}")
     nodes.add(node)
+    if (found := _routing_map_counts(c["input"], num_experts)) is not None:
+        return found
     counts = call(c["input"])
     require(counts is not None and counts.name in ("histc", "bincount"), f"offsets {offsets} do not count the expert ids")
     nodes.add(counts.node)
@@ -126,9 +128,36 @@ def _expert_offsets(offsets: Node, num_experts: int) -> tuple[Node, set]:
     return ids, nodes
 
 
+def _routing_map_counts(counts: Node, num_experts: int) -> tuple[Node, set] | None:
+    """(ids, nodes) for torchtitan's ``zeros_like(scores, bool).scatter(-1, ids, True).sum(leading dims)``:
+    a count of each expert's ids, since top-k ids are distinct within a token."""
+    c = call(counts)
+    if c is None or c.name != "sum" or not is_call(c["input"], "scatter"):
+        return None
+    scattered = call(c["input"])
+    ndim = len(shape(scattered.node))
+    dims = c["dim"] if isinstance(c["dim"], (tuple, list)) else (c["dim"],)
+    require({d % ndim for d in dims} == set(range(ndim - 1)) and not c["keepdim"], f"{counts} does not sum over tokens")
+    require(is_call(scattered["input"], "zeros_like", "zeros", "new_zeros") and scattered_constant(scattered) is True
+            and is_last_dim(scattered["dim"], ndim), f"{counts} is no routing map sum")
+    ids = scattered["index"]
+    require(_topk_experts(ids) == num_experts, f"{counts} counts {ids}, not top-k ids of {num_experts} experts")
+    return ids, {counts, scattered.node, scattered["input"]}
+
+
 def _stacked_experts(weight: Weight) -> int:
-    require(len(weight.parts) == 1 and isinstance(weight.parts[0], Node), "expert weights are not one stacked tensor")
-    return shape(weight.parts[0])[0]
+    """E of weights held as stacked ``[E, ...]`` tensors (gate and up may be two)."""
+    require(all(isinstance(p, Node) for p in weight.parts), "expert weights are not stacked tensors")
+    num_experts = shape(weight.parts[0])[0]
+    require(all(same_size(shape(p)[0], num_experts) for p in weight.parts), "stacked weights differ in expert count")
+    return num_experts
+
+
+def _unflattened(node: Node) -> Node:
+    """The tensor behind a chain of reshapes/flattens of ``node``."""
+    while is_call(node, "reshape", "flatten"):
+        node = call(node)["input"]
+    return node
 
 
 def _feeds(node: Node, name: str, depth: int = 12) -> bool:
@@ -205,9 +234,10 @@ def sorted_grouped_mm(anchor: Node) -> Block | None:
             return False
         return source is flat_ids and index is perm
 
-    require(counted is flat_ids or is_sorted_ids(counted), f"offsets count {counted}, not the expert ids")
+    require(_unflattened(counted) is _unflattened(flat_ids) or is_sorted_ids(counted),
+            f"offsets count {counted}, not the expert ids")
     require(all(is_sorted_ids(i) for i in mlp.bias_indices), "biases are gathered with other ids than the rows'")
-    scaled, column = combine.weighted_rows(out)
+    scaled, column, scale_nodes = combine.weighted_rows(out)
     weights, weight_nodes = _routing_weights_in_order(column, perm)
     _check_tokens(x, ids, weights)
     result, accumulators, combine_nodes = combine.unpermute_sum(
@@ -216,7 +246,7 @@ def sorted_grouped_mm(anchor: Node) -> Block | None:
     metadata = perm_nodes | offset_nodes | {flat_ids, token_of_row, counted, *mlp.bias_indices}
     return Block(
         "sorted_grouped_mm_experts", x, ids, weights, mlp, result, accumulators,
-        nodes=metadata | mlp.nodes | gather_nodes | {mlp.input, scaled} | weight_nodes | combine_nodes,
+        nodes=metadata | mlp.nodes | gather_nodes | {mlp.input} | scale_nodes | weight_nodes | combine_nodes,
         shareable=metadata,
     )
 
@@ -277,13 +307,13 @@ def gathered_bmm(anchor: Node) -> Block | None:
     rep = expect(mlp.input, "repeat_interleave", what="expert input rows")
     require(same_size(rep["repeats"], k) and rep["dim"] == 0, f"{mlp.input} does not repeat each token k={k} times")
     x = rep["input"]
-    scaled, column = combine.weighted_rows(out)
+    scaled, column, scale_nodes = combine.weighted_rows(out)
     weights, weight_nodes = _routing_weights_in_order(column, None)
     _check_tokens(x, ids, weights)
     result, sum_nodes = combine.sum_token_rows(scaled, shape(ids)[0], k)
     return Block(
         "gathered_bmm_experts", x, ids, weights, mlp, result, (),
-        nodes=mlp.nodes | {mlp.input, flat_ids} | weight_nodes | sum_nodes | {scaled},
+        nodes=mlp.nodes | {mlp.input, flat_ids} | weight_nodes | sum_nodes | scale_nodes,
         shareable={flat_ids},
     )
 

@@ -15,22 +15,10 @@ bodies and refuses the same things.
 import dataclasses
 from collections.abc import Callable
 
-import torch
 from torch.fx import Node
 
 from ..ops.activations import ACTIVATIONS, Activation, activation_name
-from .fx import (
-    NoMatch,
-    call,
-    describe,
-    dtype,
-    expect,
-    getitem_users,
-    is_call,
-    is_last_dim,
-    require,
-    shape,
-)
+from .fx import NoMatch, call, describe, dtype, expect, getitem_users, is_call, is_last_dim, number, require, shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,14 +126,6 @@ def _concat(a: Weight | None, b: Weight | None) -> Weight | None:
 _SUPPORTED = ", ".join(sorted(ACTIVATIONS))
 
 
-def _number(x: object) -> float | None:
-    """A Python number, or the value of a float that dynamo made symbolic (``dynamic=True`` turns a
-    module's float attribute into an input): reading it specializes the graph on it, with a guard."""
-    if isinstance(x, Node) and isinstance(x.meta.get("example_value"), torch.SymFloat):
-        x = float(x.meta["example_value"])
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-
 def _operands(c, want) -> tuple | None:
     """(first, second) of a commutative call with ``want(first)`` true, trying both orders."""
     for first, second in ((c["input"], c["other"]), (c["other"], c["input"])):
@@ -160,11 +140,11 @@ def _clamped_swiglu(a: Node) -> tuple[str, Node, Node, set, dict] | None:
     if c is None or c.name != "mul":
         return None
     pair = _operands(c, lambda n: is_call(n, "add") and call(n)["alpha"] == 1 and
-                     _operands(call(n), lambda m: _number(m) == 1.0) is not None)
+                     _operands(call(n), lambda m: number(m) == 1.0) is not None)
     if pair is None:
         return None
     plus_one, glu = pair
-    up_clamp = _operands(call(plus_one), lambda m: _number(m) == 1.0)[1]
+    up_clamp = _operands(call(plus_one), lambda m: number(m) == 1.0)[1]
     g = call(glu)
     if not (is_call(glu, "mul") and is_call(up_clamp, "clamp")):
         return None
@@ -174,15 +154,15 @@ def _clamped_swiglu(a: Node) -> tuple[str, Node, Node, set, dict] | None:
     sigmoid, gate_clamp = found
     scaled = call(call(sigmoid)["input"])
     alpha_gate = _operands(scaled, lambda n: n is gate_clamp)
-    if alpha_gate is None or _number(alpha_gate[1]) is None or not is_call(gate_clamp, "clamp"):
+    if alpha_gate is None or number(alpha_gate[1]) is None or not is_call(gate_clamp, "clamp"):
         return None
     gc, uc = call(gate_clamp), call(up_clamp)
-    limit = _number(gc["max"])
+    limit = number(gc["max"])
     require(gc["min"] is None and limit is not None, f"gate clamp to [{gc['min']}, {gc['max']}] is not clamp(max=limit)")
-    require(_number(uc["min"]) == -limit and _number(uc["max"]) == limit,
+    require(number(uc["min"]) == -limit and number(uc["max"]) == limit,
             f"up is clamped to [{uc['min']}, {uc['max']}], the gate at max={limit}: not gpt-oss's clamped SwiGLU")
     nodes = {a, plus_one, glu, sigmoid, scaled.node, gate_clamp, up_clamp}
-    return "swiglu_oai", gc["input"], uc["input"], nodes, {"alpha": _number(alpha_gate[1]), "limit": limit}
+    return "swiglu_oai", gc["input"], uc["input"], nodes, {"alpha": number(alpha_gate[1]), "limit": limit}
 
 
 def _gated_product(a: Node) -> tuple[str, Node, Node, set, dict] | None:

@@ -57,6 +57,7 @@ _TABLE = [
     ("reshape", "input, shape", torch.reshape),
     ("view_as", "input, other", ".view_as", ".reshape_as"),
     ("flatten", "input, start_dim=0, end_dim=-1", torch.flatten, ".flatten"),
+    ("unflatten", "input, dim, sizes", torch.unflatten, ".unflatten"),
     ("to", "input, *args, **kwargs", ".to", ".type", ".type_as", ".float", ".double", ".half",
      ".bfloat16", ".int", ".long", ".bool"),
     ("contiguous", "input, memory_format=None", ".contiguous"),
@@ -75,6 +76,7 @@ _TABLE = [
     ("index_select", "input, dim, index", torch.index_select, ".index_select"),
     ("index_add", "input, dim, index, source, alpha=1", torch.index_add, ".index_add", ".index_add_"),
     ("scatter", "input, dim, index, src=None, value=None, reduce=None", torch.scatter, ".scatter", ".scatter_"),
+    ("scatter_add", "input, dim, index, src", torch.scatter_add, ".scatter_add", ".scatter_add_"),
     ("one_hot", "input, num_classes=-1", F.one_hot),
     ("where", "condition, input=None, other=None", torch.where),
     ("repeat_interleave", "input, repeats, dim=None, output_size=None", torch.repeat_interleave,
@@ -85,6 +87,8 @@ _TABLE = [
      "memory_format=None", torch.zeros_like),
     ("new_zeros", "input, *size, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False",
      ".new_zeros"),
+    ("ones_like", "input, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False, "
+     "memory_format=None", torch.ones_like),
     ("empty_like", "input, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False, "
      "memory_format=None", torch.empty_like),
     ("arange", "*args, **kwargs", torch.arange),
@@ -131,10 +135,12 @@ def call(node: object) -> Call | None:
         return None
     if node.op == "call_function":
         target = node.target
-        if isinstance(target, torch._ops.OpOverload):  # custom ops such as transformers::grouped_mm_fallback
+        if isinstance(target, torch._ops.OpOverload):  # custom ops: transformers', torchtitan's
             target = target.overloadpacket
         if target == getattr(torch.ops.transformers, "grouped_mm_fallback", None):
             return Call(node, "grouped_mm", _signature("mat_a, mat_b, offs"), False)
+        if target == getattr(torch.ops.torchtitan, "deterministic_scatter_add", None):
+            return Call(node, "scatter_add", _signature("input, index, src, dim=0"), False)
         if target not in _FUNCTIONS:
             return None
         name, signature = _FUNCTIONS[target]
@@ -197,8 +203,22 @@ def same_shape(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
+def number(x: object) -> float | None:
+    """A Python number, or the value of a float that dynamo made symbolic (``dynamic=True`` turns a
+    module's float attribute into an input): reading it specializes the graph on it, with a guard."""
+    if isinstance(x, Node) and isinstance(x.meta.get("example_value"), torch.SymFloat):
+        x = float(x.meta["example_value"])
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
 def is_last_dim(dim: object, ndim: int) -> bool:
     return isinstance(dim, int) and dim in (-1, ndim - 1)
+
+
+def scattered_constant(c: "Call"):
+    """The constant a ``scatter`` writes, ``value=`` or a Python ``src``; None for a tensor source."""
+    constant = c["value"] if c["src"] is None else c["src"]
+    return None if isinstance(constant, Node) else constant
 
 
 def getitem_users(node: Node) -> dict[int, Node]:

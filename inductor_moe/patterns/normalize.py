@@ -19,10 +19,10 @@ from .fx import call, value
 _ALLOCATING = {
     "linear", "matmul", "bmm", "grouped_mm", "softmax", "topk", "sum", "div", "floordiv", "mul", "add", "eq",
     "sort", "argsort", "histc", "bincount", "cumsum", "index_select", "index_add", "scatter", "one_hot",
-    "repeat_interleave", "zeros", "zeros_like", "new_zeros", "empty_like", "arange", "silu", "gelu", "relu",
+    "repeat_interleave", "zeros", "zeros_like", "new_zeros", "ones_like", "empty_like", "arange", "scatter_add", "silu", "gelu", "relu",
     "sigmoid", "gather", "masked_fill", "clamp", "cat", "stack",
 }
-_VIEWS = {"reshape", "view_as", "flatten", "transpose", "t", "permute", "unsqueeze", "squeeze", "chunk", "expand"}
+_VIEWS = {"reshape", "view_as", "flatten", "unflatten", "transpose", "t", "permute", "unsqueeze", "squeeze", "chunk", "expand"}
 _FUNCTIONAL_OPERATORS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.itruediv: operator.truediv}
 
 

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from .dispatch import Block
 from .experts import Weight
-from .fx import NoMatch, call, dtype, is_call, require, value
+from .fx import NoMatch, call, dtype, is_call, require, shape, value
 from .router import Router
 
 
@@ -193,13 +193,21 @@ def rewrite_router(graph: Graph, router: Router) -> bool:
     """Replace the router's scores, top-k and weight post-processing by ``inductor_moe::route``."""
 
     def build(emit: Emitter) -> dict:
-        route = emit.function(torch.ops.inductor_moe.route.default, router.logits, router.k, **router.options)
-        replacements = {router.ids: emit.method("to", emit.function(operator.getitem, route, 1), torch.int64)}
+        logits, lead = router.logits, None
+        if len(shape(logits)) > 2:  # route takes [T, E]: flatten the leading dims, then restore them
+            lead = emit.function(operator.getitem, emit.method("size", logits), slice(None, -1))
+            logits = emit.method("flatten", logits, 0, -2)
+        route = emit.function(torch.ops.inductor_moe.route.default, logits, router.k, **router.options)
+
+        def output(index: int, like: Node) -> Node:
+            out = emit.function(operator.getitem, route, index)
+            if lead is not None:
+                out = emit.method("unflatten", out, 0, lead)
+            return out if dtype(like) == dtype(out) else emit.method("to", out, dtype(like))
+
+        replacements = {router.ids: output(1, router.ids)}
         if router.weights is not None:
-            weights = emit.function(operator.getitem, route, 0)
-            if dtype(router.weights) != torch.float32:
-                weights = emit.method("to", weights, dtype(router.weights))
-            replacements[router.weights] = weights
+            replacements[router.weights] = output(0, router.weights)
         return replacements
 
     outputs = tuple(n for n in (router.ids, router.weights) if n is not None)

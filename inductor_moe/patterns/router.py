@@ -5,10 +5,12 @@
         -> [/ (sum + eps)] [* scale]                                      DeepSeek-V3
     topk(logits) -> softmax(values)                                       gpt-oss
 
-The group mask is DeepSeek-V3's: ``choice.view(-1, G, E // G).topk(2)[0].sum(-1)`` ranks the
-groups, a ``scatter`` of the best ``topk_group`` into zeros, expanded over the experts, masks the
-others with ``masked_fill``. Scores must be computed in float32: the route op computes them so,
-and lower precision can round two scores into a tie that top-k breaks differently.
+The group mask ranks the groups by ``choice.view(-1, G, E // G).topk(2)[0].sum(-1)`` and masks
+all but the best ``topk_group``: DeepSeek-V3's code scatters ones into zeros, expands them over
+the experts and ``masked_fill``s the choice; torchtitan's scatters False into ones and
+``masked_fill``s the grouped choice before flattening it back. Logits may have leading dims
+(torchtitan routes ``[B, L, E]``). Scores must be computed in float32: the route op computes
+them so, and lower precision can round two scores into a tie that top-k breaks differently.
 """
 
 import dataclasses
@@ -16,7 +18,9 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from .fx import call, dtype, expect, getitem_users, is_call, is_last_dim, require, same_shape, shape, value
+from .fx import (
+    call, dtype, expect, getitem_users, is_call, is_last_dim, number, require, same_shape, scattered_constant, shape,
+)
 
 
 @dataclasses.dataclass
@@ -48,39 +52,71 @@ def _scores(node: Node) -> tuple[str, Node, set] | None:
     return c.name, logits, shareable
 
 
-def _group_mask(node: Node, choice: Node) -> tuple[int, int, set]:
-    """(n_group, topk_group, nodes) of ``mask`` when it keeps the best groups of ``choice``."""
-    nodes = set()
-    c = expect(node, "invert", what="group mask")
-    nodes.add(node)
-    c = expect(c["input"], "to", what="group mask")
-    nodes.add(c.node)
-    reshaped = expect(c["input"], "reshape", what="group mask")
-    expanded = expect(reshaped["input"], "expand", what="group mask")
-    unsqueezed = expect(expanded["input"], "unsqueeze", what="group mask")
-    scattered = expect(unsqueezed["input"], "scatter", what="group mask")
-    nodes |= {reshaped.node, expanded.node, unsqueezed.node, scattered.node}
-    require(is_call(scattered["input"], "zeros_like", "zeros", "new_zeros") and scattered["src"] is None
-            and scattered["value"] == 1 or scattered["src"] == 1, "the group mask is not a scatter of ones into zeros")
-    nodes.add(scattered["input"])
-    picked = expect(scattered["index"], "getitem", what="kept groups")
-    group_topk = expect(picked["input"], "topk", what="kept groups")
-    require(picked["index"] == 1 and group_topk["largest"], "kept groups are not the top-k groups")
+def _kept_groups(picked: Node) -> tuple[Node, int, set]:
+    """(grouped, topk_group, nodes) if ``picked`` is ``topk(topk(grouped, 2)[0].sum(-1), topk_group)[1]``
+    for choices ``grouped`` [..., n_group, E / n_group]: the groups whose two best sum highest."""
+    picked_c = expect(picked, "getitem", what="kept groups")
+    group_topk = expect(picked_c["input"], "topk", what="kept groups")
+    require(picked_c["index"] == 1 and group_topk["largest"], "kept groups are not the top-k groups")
     group_scores = expect(group_topk["input"], "sum", what="group scores")
     best_two = expect(group_scores["input"], "getitem", what="group scores")
     pair = expect(best_two["input"], "topk", what="group scores")
-    grouped = expect(pair["input"], "reshape", what="group scores")
-    nodes |= {picked.node, group_topk.node, group_scores.node, best_two.node, pair.node, grouped.node}
-    require(grouped["input"] is choice, "groups are ranked on another score than the experts")
-    num_tokens_by_groups = shape(grouped.node)
+    grouped = pair["input"]
+    ndim = len(shape(grouped))
     require(
-        len(num_tokens_by_groups) == 3 and pair["k"] == 2 and best_two["index"] == 0 and is_last_dim(pair["dim"], 3)
-        and is_last_dim(group_scores["dim"], 3),
+        ndim >= 3 and pair["k"] == 2 and best_two["index"] == 0 and is_last_dim(pair["dim"], ndim)
+        and is_last_dim(group_scores["dim"], ndim) and not group_scores["keepdim"],
         "a group's score is not the sum of its two best",
     )
-    n_group = num_tokens_by_groups[1]
+    return grouped, group_topk["k"], {picked, group_topk.node, group_scores.node, best_two.node, pair.node}
+
+
+def _grouping(grouped: Node, choice: Node, name: str) -> int:
+    """n_group if ``grouped`` is ``choice`` [..., E] split as [..., n_group, E / n_group] by a ``name`` call."""
+    c = call(grouped)
+    require(c is not None and c.name == name and c["input"] is choice and len(shape(grouped)) == len(shape(choice)) + 1,
+            "groups are ranked on another score than the experts")
+    return shape(grouped)[-2]
+
+
+def _group_mask(node: Node, choice: Node) -> tuple[int, int, set]:
+    """(n_group, topk_group, nodes) if ``node`` is ~mask for the mask that keeps the best groups
+    of ``choice`` (DeepSeek-V3's code: a scatter of ones into zeros, expanded over each group)."""
+    c = expect(node, "invert", what="group mask")
+    cast = expect(c["input"], "to", what="group mask")
+    reshaped = expect(cast["input"], "reshape", what="group mask")
+    expanded = expect(reshaped["input"], "expand", what="group mask")
+    unsqueezed = expect(expanded["input"], "unsqueeze", what="group mask")
+    scattered = expect(unsqueezed["input"], "scatter", what="group mask")
+    require(is_call(scattered["input"], "zeros_like", "zeros", "new_zeros") and scattered_constant(scattered) == 1,
+            "the group mask is not a scatter of ones into zeros")
+    grouped, topk_group, nodes = _kept_groups(scattered["index"])
     require(same_shape(shape(node), shape(choice)), "the group mask does not cover the experts")
-    return n_group, group_topk["k"], nodes
+    nodes |= {node, cast.node, reshaped.node, expanded.node, unsqueezed.node, scattered.node, scattered["input"], grouped}
+    return _grouping(grouped, choice, "reshape"), topk_group, nodes
+
+
+def _masked_groups(node: Node) -> tuple[Node, dict, set] | None:
+    """(choice, group options, nodes) for torchtitan's group-limited choice:
+    ``grouped.masked_fill(dropped.unsqueeze(-1), fill).flatten(-2)`` with ``grouped`` the choice
+    unflattened into groups and ``dropped`` a scatter of False (the kept groups) into ones."""
+    c = call(node)
+    if c is None or c.name != "flatten" or not is_call(c["input"], "masked_fill"):
+        return None
+    filled = call(c["input"])
+    ndim = len(shape(c["input"]))
+    require(c["start_dim"] in (-2, ndim - 2) and c["end_dim"] in (-1, ndim - 1), "the masked groups are not flattened back")
+    unsqueezed = expect(filled["mask"], "unsqueeze", what="group mask")
+    scattered = expect(unsqueezed["input"], "scatter", what="group mask")
+    require(is_call(scattered["input"], "ones_like") and scattered_constant(scattered) is False
+            and is_last_dim(unsqueezed["dim"], ndim), "the group mask is not a scatter of False into ones")
+    grouped, topk_group, nodes = _kept_groups(scattered["index"])
+    require(filled["input"] is grouped, "the mask applies to other scores than the ranked groups")
+    require(isinstance(filled["value"], (int, float)), "the group mask fills with a tensor")
+    choice = call(grouped)["input"] if is_call(grouped, "unflatten") else None
+    n_group = _grouping(grouped, choice, "unflatten")
+    nodes |= {node, filled.node, unsqueezed.node, scattered.node, scattered["input"], grouped}
+    return choice, dict(n_group=n_group, topk_group=topk_group, group_fill=float(filled["value"])), nodes
 
 
 def _selection(choice: Node):
@@ -93,6 +129,10 @@ def _selection(choice: Node):
         groups = dict(n_group=n_group, topk_group=topk_group, group_fill=float(c["value"]))
         nodes |= mask_nodes | {choice}
         choice = c["input"]
+        c = call(choice)
+    elif (masked := _masked_groups(choice)) is not None:
+        choice, groups, mask_nodes = masked
+        nodes |= mask_nodes
         c = call(choice)
     bias = None
     if c is not None and c.name == "add" and not c.inplace:
@@ -131,9 +171,9 @@ def _postprocessing(weights: Node) -> tuple[Node, bool, float, set]:
     users = list(node.users)
     if len(users) == 1 and is_call(users[0], "mul"):
         m = call(users[0])
-        factor = m["other"] if m["input"] is node else m["input"]
-        if isinstance(factor, (int, float)):
-            node, scale = users[0], float(factor)
+        factor = number(m["other"] if m["input"] is node else m["input"])
+        if factor is not None:
+            node, scale = users[0], factor
             nodes.add(node)
     return node, renormalized, scale, nodes
 
@@ -145,7 +185,7 @@ def match_router(anchor: Node) -> Router | None:
     if not is_last_dim(c["dim"], len(shape(c["input"]))):
         return None
     outputs = getitem_users(anchor)
-    if 1 not in outputs or (len(shape(c["input"])) != 2):
+    if 1 not in outputs or len(shape(c["input"])) < 2:
         return None
     ids, values = outputs[1], outputs.get(0)
     selection = _selection(c["input"])
@@ -155,14 +195,15 @@ def match_router(anchor: Node) -> Router | None:
     nodes |= {anchor, *outputs.values()}
     if scoring == "softmax_of_topk":
         softmax = [u for u in values.users if is_call(u, "softmax")] if values is not None else []
-        if len(softmax) != 1 or len(values.users) != 1 or not is_last_dim(call(softmax[0])["dim"], 2):
+        if len(softmax) != 1 or len(values.users) != 1 or not is_last_dim(call(softmax[0])["dim"], len(shape(values))):
             return None  # a top-k of something that is not turned into routing weights
         weights = softmax[0]
-    elif scores is c["input"]:
+    elif scores is c["input"] and values is not None:
         weights = values
     else:
         gathers = [u for u in ids.users if is_call(u, "gather") and call(u)["input"] is scores]
-        require(len(gathers) == 1 and call(gathers[0])["dim"] in (1, -1), "the routing weights are not the chosen scores")
+        require(len(gathers) == 1 and is_last_dim(call(gathers[0])["dim"], len(shape(ids))),
+                "the routing weights are not the chosen scores")
         weights = gathers[0]
     nodes.add(weights)
     weights, renormalized, scale, post_nodes = _postprocessing(weights)
