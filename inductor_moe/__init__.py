@@ -19,7 +19,7 @@ from .passes import install
 
 install()
 
-# TORCH_LOGS=inductor_moe (or torch._logging.set_logs(inductor_moe=logging.INFO)) shows every decision
+# TORCH_LOGS=inductor_moe shows every decision, formatted like Inductor's own logs
 torch._logging._internal.register_log("inductor_moe", "inductor_moe")
 if "TORCH_LOGS" in os.environ:
     torch._logging._internal._init_logs()  # torch parsed TORCH_LOGS before this name existed
