@@ -4,6 +4,7 @@ graph), and near misses stay exactly as they were, with the reason logged.
 Update the expected graphs with ``EXPECTTEST_ACCEPT=1 pytest tests/test_patterns.py``.
 """
 
+import dataclasses
 import logging
 
 import torch
@@ -278,6 +279,24 @@ class NormalisedExpert(models.ExpertMLP):
         return self.down_proj(self.norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
+class TanhExpert(models.ExpertMLP):
+    """A plain MLP with an activation the experts op does not model."""
+
+    def forward(self, x):
+        return self.down_proj(torch.tanh(self.up_proj(x)))
+
+
+class HalfBiasedGeGLU(models.ExpertMLP):
+    """A GeGLU expert whose up projection has a bias and whose gate has none."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=True)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class MishSortedGroupedMM(models.SortedGroupedMM):
     def activate(self, h):
         gate, up = h.chunk(2, dim=-1)
@@ -474,3 +493,19 @@ class NearMisses(TestCase):
         _, after, messages = graph_code_and_logs(InterleavedExperts(SMALL, up_limit=2.0).bfloat16(), x_for(torch.bfloat16))
         self.assertNotIn("inductor_moe.experts", after)
         self.assertTrue(any("up is clamped to [-2.0, 2.0]" in m for m in messages), messages)
+
+    def test_plain_mlp_with_an_unmodelled_activation(self):
+        cfg = dataclasses.replace(SMALL, activation="gelu")
+        model = models.DenseLoop(cfg)
+        model.experts = nn.ModuleList(TanhExpert(cfg) for _ in range(cfg.num_experts))
+        _, after, messages = graph_code_and_logs(model, x_for())
+        self.assertNotIn("inductor_moe.experts", after)
+        self.assertTrue(any("expert activation tanh is not supported" in m for m in messages), messages)
+
+    def test_geglu_with_a_bias_on_up_only(self):
+        cfg = dataclasses.replace(SMALL, activation="geglu")
+        model = models.DenseLoop(cfg)
+        model.experts = nn.ModuleList(HalfBiasedGeGLU(cfg) for _ in range(cfg.num_experts))
+        _, after, messages = graph_code_and_logs(model, x_for())
+        self.assertNotIn("inductor_moe.experts", after)
+        self.assertTrue(any("only one of the gate and up projections has a bias" in m for m in messages), messages)
