@@ -1,0 +1,75 @@
+"""FP8 (e4m3) quantization recipes, in torch: the definition the Triton quantizers must match bit
+for bit, and the CPU path (real e4m3 rounding, the same scales, matmuls in higher precision).
+
+A recipe splits a 2-D tensor ``[M, K]`` into blocks of ``rows x cols`` elements (K is the reduced
+dimension of the GEMM) and gives each block one float32 scale, ``x ~= q * scale`` with ``q`` in
+``torch.float8_e4m3fn``:
+
+    rowwise     a block per row (1 x K): a scale per activation row, per weight output row
+    blockwise   1 x 128 activation tiles, 128 x 128 weight blocks (DeepSeek-V3, DeepGEMM)
+    mxfp8       1 x 32 blocks along K with a power-of-two scale (OCP MX, E8M0)
+
+rowwise and blockwise scale a block's absolute maximum onto e4m3's largest value, 448
+(``scale = amax / 448``, at least float32's smallest normal so that all-zero and subnormal blocks
+stay finite); mxfp8 takes ``2 ** (floor(log2(amax)) - 8)``, 8 being e4m3's largest exponent, and
+saturates the few values that land above 448, as the MX spec does.
+"""
+
+import torch
+from torch import Tensor
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+E4M3_EMAX = 8  # 448 = 1.75 * 2**8
+_TINY = torch.finfo(torch.float32).tiny
+
+# recipe -> (block rows, block cols) for activations and weights ([out, K] layout); 0 is "all"
+RECIPES = {
+    "rowwise": ((1, 0), (1, 0)),
+    "blockwise": ((1, 128), (128, 128)),
+    "mxfp8": ((1, 32), (1, 32)),
+}
+
+
+def _blocks(x: Tensor, rows: int, cols: int) -> tuple[Tensor, int, int]:
+    """``x`` zero-padded and viewed as ``[M / rows, rows, K / cols, cols]`` blocks (0: the whole dim)."""
+    m, k = x.shape
+    rows, cols = rows or m, cols or k
+    padded = torch.nn.functional.pad(x.float(), (0, -k % cols, 0, -m % rows))
+    return padded.view(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols), m, k
+
+
+def block_scales(x: Tensor, rows: int, cols: int, power_of_two: bool = False) -> Tensor:
+    """One float32 scale per ``rows x cols`` block of ``x`` ``[M, K]``: ``[ceil(M/rows), ceil(K/cols)]``."""
+    blocks, _, _ = _blocks(x, rows, cols)
+    amax = blocks.abs().amax(dim=(1, 3))
+    if power_of_two:  # floor(log2(amax)) exactly: frexp gives amax = m * 2**e with m in [0.5, 1)
+        exponent = torch.frexp(amax).exponent - 1 - E4M3_EMAX
+        return torch.ldexp(torch.ones_like(amax), exponent.clamp(-127, 127))
+    return (amax / E4M3_MAX).clamp(min=_TINY)
+
+
+def quantize(x: Tensor, rows: int, cols: int, power_of_two: bool = False) -> tuple[Tensor, Tensor]:
+    """(q e4m3 ``[M, K]``, scales ``[ceil(M/rows), ceil(K/cols)]``) with ``x ~= q * scale`` per block."""
+    torch._check(x.dim() == 2 and x.is_floating_point(), lambda: f"inductor_moe.fp8: x must be a float [M, K], got {x.shape}")
+    scales = block_scales(x, rows, cols, power_of_two)
+    blocks, m, k = _blocks(x, rows, cols)
+    scaled = (blocks / scales[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)  # e4m3fn has no inf: saturate
+    q = scaled.to(E4M3).view(blocks.shape[0] * blocks.shape[1], -1)[:m, :k]
+    return q, scales
+
+
+def dequantize(q: Tensor, scales: Tensor, rows: int, cols: int) -> Tensor:
+    """float32 ``q * scale`` per block: the values an FP8 GEMM multiplies."""
+    m, k = q.shape
+    rows, cols = rows or m, cols or k
+    expanded = scales.repeat_interleave(rows, dim=0)[:m].repeat_interleave(cols, dim=1)[:, :k]
+    return q.float() * expanded
+
+
+def fake_quantize(x: Tensor, recipe: str, operand: str) -> Tensor:
+    """``x`` rounded as ``recipe`` rounds an activation (``operand="a"``, ``[M, K]``) or a weight
+    (``"w"``, ``[out, K]``), returned in float32."""
+    rows, cols = RECIPES[recipe][operand == "w"]
+    power_of_two = recipe == "mxfp8"
+    return dequantize(*quantize(x, rows, cols, power_of_two), rows, cols)
