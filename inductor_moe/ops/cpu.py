@@ -12,6 +12,7 @@ the pairs grouped by expert (stable, so deterministic) and ``offsets[e]`` is the
 import torch
 import torch.nn.functional as F
 
+from . import fp8
 from .activations import Activation
 
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -165,16 +166,21 @@ def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, s
     return grad_logits.to(logits.dtype)
 
 
-def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation):
-    """The ``experts`` op's computation: (out, h, order, offsets); see ops/experts.py."""
+def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe: str | None = None):
+    """The ``experts`` op's computation: (out, h, order, offsets); see ops/experts.py. With an
+    ``fp8_recipe`` (ops/fp8.py) both GEMMs take e4m3-rounded operands and accumulate in float32."""
     num_tokens, k = ids.shape
     flat_ids = ids.reshape(-1)
     order, offsets = sort_by_expert(flat_ids, w1.shape[0])
     tokens = order // k
-    h = grouped_mm(gather_rows(x, tokens), w1, offsets)
+
+    def mm(a, b):
+        return grouped_mm(a, b, offsets) if fp8_recipe is None else fp8.grouped_mm(a, b, offsets, fp8_recipe).to(a.dtype)
+
+    h = mm(gather_rows(x, tokens), w1)
     if b1 is not None:
         h = h + gather_rows(b1, flat_ids[order])
-    y = grouped_mm(act.forward(h), w2, offsets)
+    y = mm(act.forward(h), w2)
     if b2 is not None:
         y = y + gather_rows(b2, flat_ids[order])
     out = unpermute_reduce(y, order, weights, num_tokens).to(x.dtype)

@@ -32,17 +32,19 @@ RECIPES = {
 
 
 def _blocks(x: Tensor, rows: int, cols: int) -> tuple[Tensor, int, int]:
-    """``x`` zero-padded and viewed as ``[M / rows, rows, K / cols, cols]`` blocks (0: the whole dim)."""
-    m, k = x.shape
+    """``x`` ``[..., M, K]`` zero-padded and viewed as ``[..., M / rows, rows, K / cols, cols]``
+    blocks (0: the whole dim); batch dims (experts) never share a block."""
+    m, k = x.shape[-2:]
     rows, cols = rows or m, cols or k
     padded = torch.nn.functional.pad(x.float(), (0, -k % cols, 0, -m % rows))
-    return padded.view(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols), m, k
+    pm, pk = padded.shape[-2:]
+    return padded.view(*x.shape[:-2], pm // rows, rows, pk // cols, cols), m, k
 
 
 def block_scales(x: Tensor, rows: int, cols: int, power_of_two: bool = False) -> Tensor:
-    """One float32 scale per ``rows x cols`` block of ``x`` ``[M, K]``: ``[ceil(M/rows), ceil(K/cols)]``."""
+    """One float32 scale per ``rows x cols`` block of ``x`` ``[..., M, K]``: ``[..., ceil(M/rows), ceil(K/cols)]``."""
     blocks, _, _ = _blocks(x, rows, cols)
-    amax = blocks.abs().amax(dim=(1, 3))
+    amax = blocks.abs().amax(dim=(-3, -1))
     if power_of_two:  # floor(log2(amax)) exactly: frexp gives amax = m * 2**e with m in [0.5, 1)
         exponent = torch.frexp(amax).exponent - 1 - E4M3_EMAX
         return torch.ldexp(torch.ones_like(amax), exponent.clamp(-127, 127))
@@ -50,26 +52,34 @@ def block_scales(x: Tensor, rows: int, cols: int, power_of_two: bool = False) ->
 
 
 def quantize(x: Tensor, rows: int, cols: int, power_of_two: bool = False) -> tuple[Tensor, Tensor]:
-    """(q e4m3 ``[M, K]``, scales ``[ceil(M/rows), ceil(K/cols)]``) with ``x ~= q * scale`` per block."""
-    torch._check(x.dim() == 2 and x.is_floating_point(), lambda: f"inductor_moe.fp8: x must be a float [M, K], got {x.shape}")
+    """(q e4m3 like ``x`` ``[..., M, K]``, scales ``[..., ceil(M/rows), ceil(K/cols)]``), ``x ~= q * scale`` per block."""
+    torch._check(x.dim() >= 2 and x.is_floating_point(), lambda: f"inductor_moe.fp8: x must be float [..., M, K], got {x.shape}")
     scales = block_scales(x, rows, cols, power_of_two)
     blocks, m, k = _blocks(x, rows, cols)
-    scaled = (blocks / scales[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)  # e4m3fn has no inf: saturate
-    q = scaled.to(E4M3).view(blocks.shape[0] * blocks.shape[1], -1)[:m, :k]
+    scaled = (blocks / scales[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)  # e4m3fn has no inf: saturate
+    q = scaled.to(E4M3).flatten(-4, -3).flatten(-2, -1)[..., :m, :k]
     return q, scales
 
 
 def dequantize(q: Tensor, scales: Tensor, rows: int, cols: int) -> Tensor:
     """float32 ``q * scale`` per block: the values an FP8 GEMM multiplies."""
-    m, k = q.shape
+    m, k = q.shape[-2:]
     rows, cols = rows or m, cols or k
-    expanded = scales.repeat_interleave(rows, dim=0)[:m].repeat_interleave(cols, dim=1)[:, :k]
+    expanded = scales.repeat_interleave(rows, dim=-2)[..., :m, :].repeat_interleave(cols, dim=-1)[..., :k]
     return q.float() * expanded
 
 
 def fake_quantize(x: Tensor, recipe: str, operand: str) -> Tensor:
-    """``x`` rounded as ``recipe`` rounds an activation (``operand="a"``, ``[M, K]``) or a weight
-    (``"w"``, ``[out, K]``), returned in float32."""
+    """``x`` rounded as ``recipe`` rounds a GEMM's activation (``operand="a"``, ``[M, K]``) or its
+    weight (``"w"``, ``[..., out, K]``), in float32; K is the reduced dimension."""
     rows, cols = RECIPES[recipe][operand == "w"]
     power_of_two = recipe == "mxfp8"
     return dequantize(*quantize(x, rows, cols, power_of_two), rows, cols)
+
+
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, recipe: str) -> Tensor:
+    """``a[rows of e] @ b[e]`` (a ``[M, K]`` grouped by offsets, b ``[E, K, N]``) on the operands
+    rounded by ``recipe``, accumulated in float32 as an FP8 tensor-core GEMM does."""
+    a = fake_quantize(a, recipe, "a")
+    b = fake_quantize(b.transpose(-1, -2), recipe, "w").transpose(-1, -2)
+    return torch._grouped_mm(a, b, offs=offsets)
