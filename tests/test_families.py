@@ -46,7 +46,9 @@ def test_rewritten_block_graph(family, implementation):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_layer_causal_lm_is_rewritten_and_matches_eager(family):
-    model = models.transformers_model(family, "grouped_mm", CFG, num_layers=2).bfloat16()
+    # float32: in bf16 the second layer's router sees the first layer's rounding, and a top-k tie
+    # flipped by it changes the output by far more than any tolerance (eager vs stock compile too)
+    model = models.transformers_model(family, "grouped_mm", CFG, num_layers=2)
     tokens = torch.randint(0, model.config.vocab_size, (2, 7))
     assert_matches_eager(model, torch.compile(model), tokens)
     assert rewrites() == {"router": 2, "sorted_grouped_mm_experts": 2}
