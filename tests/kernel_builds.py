@@ -1,16 +1,17 @@
 """Compile every kernel, as its launch function calls it, for Hopper (sm_90) and Ampere (sm_80)
-GPUs, on a machine without one: Triton ships ptxas. Run without TRITON_INTERPRET."""
+GPUs (FP8 kernels for Hopper only), on a machine without one: Triton ships ptxas. Run without
+TRITON_INTERPRET."""
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-from inductor_moe.kernels import align, grouped_gemm, routing, unpermute
+from inductor_moe.kernels import align, grouped_gemm, quantize, routing, unpermute
 from inductor_moe.ops.activations import Activation
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-          torch.int64: "i64", torch.bool: "i1"}
+          torch.int64: "i64", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 built = []
 
@@ -30,6 +31,8 @@ def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
         else:
             signature[param.name] = "i32" if isinstance(value, int) else "fp32"
     for target in TARGETS:
+        if "*fp8e4nv" in signature.values() and target.arch < 89:
+            continue  # e4m3 needs Ada or Hopper
         triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs), target=target, options=options)
     built.append(kernel.fn.__name__)
 
@@ -58,4 +61,6 @@ def compile_all() -> None:
         grouped_gemm.gemm(h, w1.transpose(1, 2), offsets)
         grouped_gemm.weight_grad(x, h, offsets, torch.empty(experts, hidden, 2 * inner, dtype=dtype), a_rows=rows)
         unpermute.unpermute_reduce(torch.randn(tokens * k, hidden, dtype=dtype), rows, torch.rand(tokens, k), tokens, k)
+        for block_rows, block_cols, power_of_two in ((1, 0, False), (1, 128, False), (128, 128, False), (1, 32, True)):
+            quantize.quantize(x, block_rows, block_cols, power_of_two)
     print(f"compiled {len(built)} kernel builds for {len(TARGETS)} targets: {sorted(set(built))}")

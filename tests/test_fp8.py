@@ -6,6 +6,8 @@ import torch
 
 from inductor_moe.ops import fp8
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 BLOCKS = {"rowwise": (1, 0, False), "1x128": (1, 128, False), "128x128": (128, 128, False), "mx 1x32": (1, 32, True)}
 
 
@@ -86,3 +88,22 @@ def test_experts_output_sqnr_with_the_same_routing(recipe):
     assert sqnr(out, reference) >= BAR_DB[recipe]
     rounded = cpu.experts_forward(x.bfloat16(), ids, weights, w1.bfloat16(), w2.bfloat16(), b1, b2, Activation("swiglu"))[0]
     assert sqnr(out, reference) < sqnr(rounded, reference)  # e4m3 is coarser than bf16: the path is taken
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (37, 300), (130, 257)])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_quantize_kernel_is_bit_exact(block, shape):
+    """The Triton quantizer (under the interpreter without a GPU) against the torch recipe: values
+    and scales bit for bit, with rows of zeros, huge values and subnormals."""
+    from inductor_moe.kernels import quantize as kernel
+
+    rows, cols, power_of_two = BLOCKS[block]
+    x = torch.randn(shape, device=DEVICE) * torch.logspace(-3, 3, shape[0], device=DEVICE)[:, None]
+    x[0, : shape[1] // 2] = 0.0
+    if shape[0] > 2:
+        x[1] = 3e38
+        x[2] = 1e-40
+    q, scales = kernel.quantize(x, rows, cols, power_of_two)
+    expected_q, expected_scales = fp8.quantize(x, rows, cols, power_of_two)
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))

@@ -6,6 +6,7 @@ importable without Inductor.
     grouped_gemm    grouped GEMM over expert-sorted rows: gathered A rows, activation epilogue,
                     the activation's backward epilogue, per-expert weight gradients
     unpermute       each token's k expert rows, weighted and summed in float32
+    quantize        FP8 e4m3 block quantization (rowwise, blockwise, MX scales), bit for bit ops/fp8.py
 
 They run on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
 in the environment before this package is imported).

@@ -11,8 +11,10 @@ dimension of the GEMM) and gives each block one float32 scale, ``x ~= q * scale`
 
 rowwise and blockwise scale a block's absolute maximum onto e4m3's largest value, 448
 (``scale = amax / 448``, at least float32's smallest normal so that all-zero and subnormal blocks
-stay finite); mxfp8 takes ``2 ** (floor(log2(amax)) - 8)``, 8 being e4m3's largest exponent, and
-saturates the few values that land above 448, as the MX spec does.
+stay finite); mxfp8 takes ``2 ** (floor(log2(amax)) - 8)``, 8 being e4m3's largest exponent
+(``floor(log2)`` read from amax's exponent bits, so zero and subnormal blocks get 2 ** -127), and
+saturates the few values that land above 448, as the MX spec does. ``kernels/quantize.py``
+computes the same bits.
 """
 
 import torch
@@ -45,8 +47,8 @@ def block_scales(x: Tensor, rows: int, cols: int, power_of_two: bool = False) ->
     """One float32 scale per ``rows x cols`` block of ``x`` ``[..., M, K]``: ``[..., ceil(M/rows), ceil(K/cols)]``."""
     blocks, _, _ = _blocks(x, rows, cols)
     amax = blocks.abs().amax(dim=(-3, -1))
-    if power_of_two:  # floor(log2(amax)) exactly: frexp gives amax = m * 2**e with m in [0.5, 1)
-        exponent = torch.frexp(amax).exponent - 1 - E4M3_EMAX
+    if power_of_two:  # floor(log2(amax)): amax's unbiased exponent field (-127 for zero and subnormals)
+        exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127 - E4M3_EMAX
         return torch.ldexp(torch.ones_like(amax), exponent.clamp(-127, 127))
     return (amax / E4M3_MAX).clamp(min=_TINY)
 
