@@ -63,6 +63,14 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return out
 
 
+def fp8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, recipe: str) -> torch.Tensor:
+    """``grouped_mm`` on operands rounded by an FP8 recipe (ops/fp8.py: a's rows and b's columns
+    blocked along the reduced dim), accumulated in float32 as an FP8 tensor-core GEMM does."""
+    a = fp8.fake_quantize(a, recipe, "a")
+    b = fp8.fake_quantize(b.transpose(-1, -2), recipe, "w").transpose(-1, -2)
+    return grouped_mm(a, b, offsets)
+
+
 def stored_out_in(weight: torch.Tensor) -> bool:
     """Whether a ``[E, in, out]`` weight is a transposed view of ``[E, out, in]`` storage."""
     return weight.stride(1) == 1 and weight.stride(2) != 1
@@ -175,7 +183,7 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe
     tokens = order // k
 
     def mm(a, b):
-        return grouped_mm(a, b, offsets) if fp8_recipe is None else fp8.grouped_mm(a, b, offsets, fp8_recipe).to(a.dtype)
+        return grouped_mm(a, b, offsets) if fp8_recipe is None else fp8_grouped_mm(a, b, offsets, fp8_recipe).to(a.dtype)
 
     h = mm(gather_rows(x, tokens), w1)
     if b1 is not None:

@@ -78,10 +78,3 @@ def fake_quantize(x: Tensor, recipe: str, operand: str) -> Tensor:
     power_of_two = recipe == "mxfp8"
     return dequantize(*quantize(x, rows, cols, power_of_two), rows, cols)
 
-
-def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, recipe: str) -> Tensor:
-    """``a[rows of e] @ b[e]`` (a ``[M, K]`` grouped by offsets, b ``[E, K, N]``) on the operands
-    rounded by ``recipe``, accumulated in float32 as an FP8 tensor-core GEMM does."""
-    a = fake_quantize(a, recipe, "a")
-    b = fake_quantize(b.transpose(-1, -2), recipe, "w").transpose(-1, -2)
-    return torch._grouped_mm(a, b, offs=offsets)
