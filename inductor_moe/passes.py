@@ -11,12 +11,19 @@ never serve code compiled under other code or other settings.
 import pathlib
 
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph
 
 from . import config, transformers_experts
 from .lowerings.cpu import decompose
 from .patterns.graph_pass import rewrite_moe
+
+def _passes_of(value) -> tuple:
+    """The passes a pass setting holds: None, one pass, or (torch >= 2.12) a list of them."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
 
 _SOURCES = tuple(str(p) for p in sorted(pathlib.Path(__file__).resolve().parent.rglob("*.py")))
 
@@ -28,13 +35,13 @@ class ChainedPass(CustomGraphPass):
         self.run, self.previous = run, previous
 
     def __call__(self, graph: Graph) -> None:
-        for previous in get_custom_graph_passes(self.previous):
+        for previous in _passes_of(self.previous):
             previous(graph)
         if config.enabled:
             self.run(graph)
 
     def uuid(self):
-        previous = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in get_custom_graph_passes(self.previous)]
+        previous = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in _passes_of(self.previous)]
         if None in previous:
             return None  # a chained pass without a uuid: Inductor then runs passes before its cache lookup
         own = (self.run.__qualname__, get_hash_for_files(_SOURCES).hex(), config.get_hash().hex())
@@ -47,5 +54,5 @@ def install() -> None:
     transformers_experts.install()
     for setting, run in (("pre_grad_custom_pass", rewrite_moe), ("post_grad_custom_pre_pass", decompose)):
         current = getattr(inductor_config, setting)
-        if not any(isinstance(p, ChainedPass) for p in get_custom_graph_passes(current)):
+        if not any(isinstance(p, ChainedPass) for p in _passes_of(current)):
             setattr(inductor_config, setting, ChainedPass(run, current))
