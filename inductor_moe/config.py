@@ -20,6 +20,14 @@ disabled_patterns: list[str] = []
 # (a loop over nonzero() that graph-breaks); None traces eager as it is. See transformers_experts.
 transformers_eager_experts: str | None = "grouped_mm"
 
+# Run the rewritten experts' grouped GEMMs in float8 e4m3: None, "rowwise" (a scale per activation
+# row and weight output row), "blockwise" (1x128 activation, 128x128 weight blocks) or "mxfp8"
+# (1x32 blocks, power-of-two scales). See ops/fp8.py.
+fp8: str | None = None
+
+# With fp8 set, also run the weight-gradient GEMMs in FP8; False keeps them in the model's dtype.
+fp8_weight_grad: bool = True
+
 # Run the Triton kernels for CPU tensors too, through Triton's interpreter (slow: for tests). The
 # interpreter must be on (TRITON_INTERPRET=1) before inductor_moe.kernels is imported.
 triton_on_cpu: bool = os.environ.get("TRITON_INTERPRET") == "1"

@@ -69,8 +69,9 @@ def _route_backward(match: Match, *args, **kwargs):
 
 
 def _experts_check(match: Match) -> bool:
-    x, _, _, w1, w2 = (_value(n) for n in match.output_node().args[:5])
-    return _experts_traceable(x, w1, w2)
+    node = match.output_node()
+    x, _, _, w1, w2 = (_value(n) for n in node.args[:5])
+    return _bound(node.target, node.args, node.kwargs)["fp8_recipe"] is None and _experts_traceable(x, w1, w2)
 
 
 @register_graph_pattern(CallFunctionVarArgs(_OPS.experts.default), pass_dict=_PASS, extra_check=_experts_check)
@@ -82,8 +83,9 @@ def _experts(match: Match, *args, **kwargs):
 
 
 def _experts_backward_check(match: Match) -> bool:
-    _, x, _, _, w1, w2 = (_value(n) for n in match.output_node().args[:6])
-    return _experts_traceable(x, w1, w2)
+    node = match.output_node()
+    _, x, _, _, w1, w2 = (_value(n) for n in node.args[:6])
+    return _bound(node.target, node.args, node.kwargs)["fp8_recipe"] is None and _experts_traceable(x, w1, w2)
 
 
 @register_graph_pattern(

@@ -63,12 +63,15 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return out
 
 
-def fp8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, recipe: str) -> torch.Tensor:
-    """``grouped_mm`` on operands rounded by an FP8 recipe (ops/fp8.py: a's rows and b's columns
-    blocked along the reduced dim), accumulated in float32 as an FP8 tensor-core GEMM does."""
-    a = fp8.fake_quantize(a, recipe, "a")
-    b = fp8.fake_quantize(b.transpose(-1, -2), recipe, "w").transpose(-1, -2)
-    return grouped_mm(a, b, offsets)
+def fp8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, recipe: str | None) -> torch.Tensor:
+    """``grouped_mm`` in a's dtype; with an FP8 ``recipe`` (ops/fp8.py) on operands rounded by it
+    (a's rows and b's columns blocked along the reduced dim), accumulated in float32 as an FP8
+    tensor-core GEMM does."""
+    if recipe is None:
+        return grouped_mm(a, b, offsets)
+    a_q = fp8.fake_quantize(a, recipe, "a")
+    b_q = fp8.fake_quantize(b.transpose(-1, -2), recipe, "w").transpose(-1, -2)
+    return grouped_mm(a_q, b_q, offsets).to(a.dtype)
 
 
 def stored_out_in(weight: torch.Tensor) -> bool:
@@ -95,6 +98,15 @@ def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.T
     for expert, start, end in _segments(offsets):
         torch.mm(a_t[:, start:end], grad[start:end], out=out[expert])
     return out
+
+
+def fp8_grouped_mm_weight_grad(a, grad, offsets, out_in: bool, recipe: str | None) -> torch.Tensor:
+    """``grouped_mm_weight_grad``; with an FP8 ``recipe``, on operands rounded in blocks along each
+    expert's rows (``fp8.fake_quantize_segments``), accumulated in float32, in a's dtype."""
+    if recipe is None:
+        return grouped_mm_weight_grad(a, grad, offsets, out_in)
+    a_q, grad_q = (fp8.fake_quantize_segments(t, offsets, recipe) for t in (a, grad))
+    return grouped_mm_weight_grad(a_q, grad_q, offsets, out_in).to(a.dtype)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -181,22 +193,22 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe
     flat_ids = ids.reshape(-1)
     order, offsets = sort_by_expert(flat_ids, w1.shape[0])
     tokens = order // k
-
-    def mm(a, b):
-        return grouped_mm(a, b, offsets) if fp8_recipe is None else fp8_grouped_mm(a, b, offsets, fp8_recipe).to(a.dtype)
-
-    h = mm(gather_rows(x, tokens), w1)
+    h = fp8_grouped_mm(gather_rows(x, tokens), w1, offsets, fp8_recipe)
     if b1 is not None:
         h = h + gather_rows(b1, flat_ids[order])
-    y = mm(act.forward(h), w2)
+    y = fp8_grouped_mm(act.forward(h), w2, offsets, fp8_recipe)
     if b2 is not None:
         y = y + gather_rows(b2, flat_ids[order])
     out = unpermute_reduce(y, order, weights, num_tokens).to(x.dtype)
     return out, h, order, offsets
 
 
-def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act: Activation):
-    """Gradients of ``experts`` for (x, weights, w1, w2, b1, b2); empty for an absent bias."""
+def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act: Activation,
+                     fp8_recipe: str | None = None, fp8_weight_grad: bool = True):
+    """Gradients of ``experts`` for (x, weights, w1, w2, b1, b2); empty for an absent bias. With an
+    ``fp8_recipe`` the activation-gradient GEMMs take e4m3 operands, and the weight-gradient GEMMs
+    too if ``fp8_weight_grad``."""
+    weight_grad_recipe = fp8_recipe if fp8_weight_grad else None
     num_tokens, k = ids.shape
     num_experts = w1.shape[0]
     sorted_ids = ids.reshape(-1)[order]
@@ -206,7 +218,7 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     a = act.forward(h)
 
     # d out / d expert output, unscaled, pulled back through w2: (grad @ w2[e]^T).
-    grad_a = grouped_mm(grad_rows, w2.transpose(1, 2), offsets)
+    grad_a = fp8_grouped_mm(grad_rows, w2.transpose(1, 2), offsets, fp8_recipe)
     # Routing-weight gradient <grad_t, y_pair>, with y = a @ w2[e] + b2[e] never materialised.
     grad_scale = (grad_a.to(acc) * a.to(acc)).sum(-1)
     if b2 is not None:
@@ -214,10 +226,10 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     grad_weights = torch.empty_like(grad_scale).index_put((order,), grad_scale)
 
     grad_y = (grad_rows * scale).to(x.dtype)
-    grad_w2 = grouped_mm_weight_grad(a, grad_y, offsets, stored_out_in(w2))
+    grad_w2 = fp8_grouped_mm_weight_grad(a, grad_y, offsets, stored_out_in(w2), weight_grad_recipe)
     grad_h = act.backward(h, (grad_a * scale).to(h.dtype))
-    grad_w1 = grouped_mm_weight_grad(gather_rows(x, order // k), grad_h, offsets, stored_out_in(w1))
-    grad_x = unpermute_reduce(grouped_mm(grad_h, w1.transpose(1, 2), offsets), order, None, num_tokens)
+    grad_w1 = fp8_grouped_mm_weight_grad(gather_rows(x, order // k), grad_h, offsets, stored_out_in(w1), weight_grad_recipe)
+    grad_x = unpermute_reduce(fp8_grouped_mm(grad_h, w1.transpose(1, 2), offsets, fp8_recipe), order, None, num_tokens)
 
     def bias_grad(bias, rows):
         return x.new_empty(0) if bias is None else segment_sum(rows, sorted_ids, num_experts).to(bias.dtype)

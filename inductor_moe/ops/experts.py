@@ -11,6 +11,10 @@ activation, else I); w2 ``[E, I, H]``; b1 ``[E, N]``, b2 ``[E, H]`` or None. Wei
 ``[E, out, in]`` are passed as a transposed view: only the logical layout is fixed. The combine
 accumulates in float32 and returns x's dtype.
 
+``fp8_recipe`` ("rowwise", "blockwise", "mxfp8"; ops/fp8.py) runs the grouped GEMMs on float8 e4m3
+operands with float32 accumulation: both forward GEMMs and the backward's activation-gradient
+GEMMs, and its weight-gradient GEMMs too unless ``fp8_weight_grad`` is False.
+
 Besides ``out`` the op returns what its backward needs and cannot cheaply recompute: ``h``, the
 first projection's output (pre-activation, rows in expert order, ``[T*k, N]``), and the routing
 metadata ``order`` (pair indices sorted by expert) and ``offsets`` (int32 ends of each expert's
@@ -22,13 +26,17 @@ gathered copies of x, the activation output and the expert outputs are recompute
 import torch
 from torch import Tensor
 
-from . import implementation
+from . import fp8, implementation
 from .activations import Activation
 from .cpu import stored_out_in
 
 
-def _check(x, ids, weights, w1, w2, b1, b2, act: Activation) -> None:
+def _check(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe: str | None = None) -> None:
     """Clear errors for malformed calls; runs on real and fake tensors (no data access)."""
+    torch._check(
+        fp8_recipe is None or fp8_recipe in fp8.RECIPES,
+        lambda: f"inductor_moe.experts: fp8_recipe must be None or one of {list(fp8.RECIPES)}, got {fp8_recipe!r}",
+    )
     torch._check(x.dim() == 2, lambda: f"inductor_moe.experts: x must be [T, H], got {tuple(x.shape)}")
     torch._check(x.is_floating_point(), lambda: f"inductor_moe.experts: x must be floating, got {x.dtype}")
     torch._check(
@@ -104,16 +112,19 @@ def experts(
     interleaved: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    fp8_recipe: str | None = None,
+    fp8_weight_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     act = Activation(activation, interleaved, alpha, limit)
-    _check(x, ids, weights, w1, w2, b1, b2, act)
+    _check(x, ids, weights, w1, w2, b1, b2, act, fp8_recipe)
     _check_ids_in_range(ids, w1.shape[0])
-    return implementation.of(x).experts_forward(x, ids, weights, w1, w2, b1, b2, act)
+    return implementation.of(x).experts_forward(x, ids, weights, w1, w2, b1, b2, act, fp8_recipe)
 
 
 @experts.register_fake
-def _(x, ids, weights, w1, w2, b1, b2, activation, interleaved=False, alpha=1.702, limit=7.0):
-    _check(x, ids, weights, w1, w2, b1, b2, Activation(activation, interleaved, alpha, limit))
+def _(x, ids, weights, w1, w2, b1, b2, activation, interleaved=False, alpha=1.702, limit=7.0, fp8_recipe=None,
+      fp8_weight_grad=True):
+    _check(x, ids, weights, w1, w2, b1, b2, Activation(activation, interleaved, alpha, limit), fp8_recipe)
     pairs = ids.shape[0] * ids.shape[1]
     return (
         x.new_empty(x.shape),
@@ -140,14 +151,18 @@ def experts_backward(
     interleaved: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    fp8_recipe: str | None = None,
+    fp8_weight_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, weights, w1, w2, b1, b2); a bias gradient is empty when the bias is None."""
     act = Activation(activation, interleaved, alpha, limit)
-    return implementation.of(x).experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act)
+    return implementation.of(x).experts_backward(
+        grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act, fp8_recipe, fp8_weight_grad
+    )
 
 
 @experts_backward.register_fake
-def _(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *activation):
+def _(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *options):
     def like(t):
         return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
@@ -158,18 +173,18 @@ def _(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *activation)
 
 
 def _setup_context(ctx, inputs, output):
-    x, ids, weights, w1, w2, b1, b2, *activation = inputs
+    x, ids, weights, w1, w2, b1, b2, *options = inputs
     _, h, order, offsets = output
     ctx.save_for_backward(x, ids, weights, w1, w2, b1, b2, h, order, offsets)
-    ctx.activation = activation
+    ctx.options = options  # activation and precision
 
 
 def _backward(ctx, grad_out, _grad_h, _grad_order, _grad_offsets):
     x, ids, weights, w1, w2, b1, b2, h, order, offsets = ctx.saved_tensors
     grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2 = experts_backward(
-        grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *ctx.activation
+        grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *ctx.options
     )
-    no_grads = [None] * len(ctx.activation)
+    no_grads = [None] * len(ctx.options)
     grad_b1, grad_b2 = (None if b is None else grad for b, grad in ((b1, grad_b1), (b2, grad_b2)))
     return (grad_x, None, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, *no_grads)
 

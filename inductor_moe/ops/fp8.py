@@ -15,6 +15,10 @@ stay finite); mxfp8 takes ``2 ** (floor(log2(amax)) - 8)``, 8 being e4m3's large
 (``floor(log2)`` read from amax's exponent bits, so zero and subnormal blocks get 2 ** -127), and
 saturates the few values that land above 448, as the MX spec does. ``kernels/quantize.py``
 computes the same bits.
+
+A weight gradient ``dW[e] = A_e^T G_e`` reduces over expert e's rows (tokens): both operands are
+blocked along those rows, ``SEGMENT_ROWS[recipe]`` rows x 1 column, the blocks starting at each
+expert's first row so that no block spans two experts (rowwise: the whole segment).
 """
 
 import torch
@@ -31,6 +35,8 @@ RECIPES = {
     "blockwise": ((1, 128), (128, 128)),
     "mxfp8": ((1, 32), (1, 32)),
 }
+# recipe -> rows of a weight gradient operand's blocks along the reduced token dim (0: the segment)
+SEGMENT_ROWS = {"rowwise": 0, "blockwise": 128, "mxfp8": 32}
 
 
 def _blocks(x: Tensor, rows: int, cols: int) -> tuple[Tensor, int, int]:
@@ -46,11 +52,20 @@ def _blocks(x: Tensor, rows: int, cols: int) -> tuple[Tensor, int, int]:
 def block_scales(x: Tensor, rows: int, cols: int, power_of_two: bool = False) -> Tensor:
     """One float32 scale per ``rows x cols`` block of ``x`` ``[..., M, K]``: ``[..., ceil(M/rows), ceil(K/cols)]``."""
     blocks, _, _ = _blocks(x, rows, cols)
-    amax = blocks.abs().amax(dim=(-3, -1))
+    return scale_of(blocks.abs().amax(dim=(-3, -1)), power_of_two)
+
+
+def scale_of(amax: Tensor, power_of_two: bool) -> Tensor:
+    """The float32 scale of a block with absolute maximum ``amax``."""
     if power_of_two:  # floor(log2(amax)): amax's unbiased exponent field (-127 for zero and subnormals)
         exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127 - E4M3_EMAX
         return torch.ldexp(torch.ones_like(amax), exponent.clamp(-127, 127))
     return (amax / E4M3_MAX).clamp(min=_TINY)
+
+
+def to_e4m3(x: Tensor, scales: Tensor) -> Tensor:
+    """``x / scales`` rounded to nearest even in e4m3, saturated (e4m3fn has no infinity)."""
+    return (x.float() / scales).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def quantize(x: Tensor, rows: int, cols: int, power_of_two: bool = False) -> tuple[Tensor, Tensor]:
@@ -58,8 +73,7 @@ def quantize(x: Tensor, rows: int, cols: int, power_of_two: bool = False) -> tup
     torch._check(x.dim() >= 2 and x.is_floating_point(), lambda: f"inductor_moe.fp8: x must be float [..., M, K], got {x.shape}")
     scales = block_scales(x, rows, cols, power_of_two)
     blocks, m, k = _blocks(x, rows, cols)
-    scaled = (blocks / scales[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)  # e4m3fn has no inf: saturate
-    q = scaled.to(E4M3).flatten(-4, -3).flatten(-2, -1)[..., :m, :k]
+    q = to_e4m3(blocks, scales[..., :, None, :, None]).flatten(-4, -3).flatten(-2, -1)[..., :m, :k]
     return q, scales
 
 
@@ -78,3 +92,17 @@ def fake_quantize(x: Tensor, recipe: str, operand: str) -> Tensor:
     power_of_two = recipe == "mxfp8"
     return dequantize(*quantize(x, rows, cols, power_of_two), rows, cols)
 
+
+def fake_quantize_segments(x: Tensor, offsets: Tensor, recipe: str) -> Tensor:
+    """``x`` ``[M, N]``, rows sorted by expert (int32 ``offsets``: each expert's end), rounded as
+    ``recipe`` rounds a weight gradient's operand: blocks of ``SEGMENT_ROWS`` rows x 1 column
+    starting at each expert's first row. float32; no data-dependent shapes."""
+    rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
+    start = torch.nn.functional.pad(offsets, (1, 0))[torch.searchsorted(offsets, rows, right=True)]
+    size = SEGMENT_ROWS[recipe]
+    first = (start + (rows - start) // size * size if size else start).long()  # each row's block
+    amax = torch.zeros_like(x, dtype=torch.float32).scatter_reduce(
+        0, first[:, None].expand(x.shape), x.abs().float(), "amax"
+    )
+    scales = scale_of(amax, recipe == "mxfp8")[first]
+    return to_e4m3(x, scales).float() * scales

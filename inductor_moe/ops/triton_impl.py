@@ -22,7 +22,7 @@ def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, s
                                   scoring == "sigmoid", scale)
 
 
-def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation):
+def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe=None):
     num_tokens, k = ids.shape
     order, inverse, token_of_row, offsets = align.align(ids, w1.shape[0])
     a, h = grouped_gemm.gemm(x, w1, offsets, a_rows=token_of_row, bias=b1, activation=act, store_h=True)
@@ -38,7 +38,8 @@ def _like_storage(weight: torch.Tensor) -> torch.Tensor:
     return weight.new_empty(weight.shape)
 
 
-def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act: Activation):
+def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act: Activation, fp8_recipe=None,
+                     fp8_weight_grad=True):
     num_tokens, k = ids.shape
     num_experts = w1.shape[0]
     grad_out = grad_out.contiguous()

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
 from .. import config
+from ..ops import fp8
 from . import dispatch, normalize, rewrite, router
 from .dispatch import Block
 from .fx import NoMatch
@@ -85,11 +86,14 @@ def _became(found: Block | Router) -> str:
         options = {"k": found.k, **found.options}
         shown = ", ".join(f"{k}={v.name if isinstance(v, Node) else repr(v)}" for k, v in options.items())
         return f"inductor_moe.route({shown})"
-    return f"inductor_moe.experts({found.mlp.activation})"
+    precision = "" if config.fp8 is None else f", fp8={config.fp8}"
+    return f"inductor_moe.experts({found.mlp.activation}{precision})"
 
 
 def rewrite_moe(graph: Graph) -> None:
     """Rewrite every MoE block and router in ``graph`` into canonical ops."""
+    if config.fp8 not in (None, *fp8.RECIPES):  # a typo must not silently leave the model unquantized
+        raise ValueError(f"inductor_moe.config.fp8 must be None or one of {list(fp8.RECIPES)}, got {config.fp8!r}")
     normalize.functionalize(graph)
     for name, (matcher, rewrite_block) in PATTERNS.items():
         if name in config.disabled_patterns:

@@ -16,6 +16,7 @@ from torch.fx import Graph, Node
 from torch.fx.node import map_arg
 from torch.utils._pytree import tree_leaves
 
+from .. import config
 from .dispatch import Block
 from .experts import Weight
 from .fx import NoMatch, call, dtype, is_call, require, shape, value
@@ -172,6 +173,7 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
     weights = [n for w in (mlp.w1, mlp.b1, mlp.w2, mlp.b2) for n in _weight_nodes(w)]
     act = mlp.activation
     options = {f.name: getattr(act, f.name) for f in dataclasses.fields(act)[1:] if getattr(act, f.name) != f.default}
+    options.update(_precision())
 
     def build(emit: Emitter) -> dict:
         op = emit.function(
@@ -187,6 +189,13 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
 
     inputs = [block.x, block.ids, block.weights, *weights]
     return _rewrite(graph, block.nodes, outputs, block.shareable, inputs, build)
+
+
+def _precision() -> dict:
+    """The experts op's FP8 arguments from ``config`` (none when it is off)."""
+    if config.fp8 is None:
+        return {}
+    return {"fp8_recipe": config.fp8, "fp8_weight_grad": config.fp8_weight_grad}
 
 
 def rewrite_router(graph: Graph, router: Router) -> bool:
