@@ -8,6 +8,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
 from inductor_moe.kernels import align, grouped_gemm, quantize, routing, unpermute
+from inductor_moe.ops import fp8
 from inductor_moe.ops.activations import Activation
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
@@ -31,7 +32,7 @@ def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
         else:
             signature[param.name] = "i32" if isinstance(value, int) else "fp32"
     for target in TARGETS:
-        if "*fp8e4nv" in signature.values() and target.arch < 89:
+        if ("*fp8e4nv" in signature.values() or constexprs.get("FP8")) and target.arch < 89:
             continue  # e4m3 needs Ada or Hopper
         triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs), target=target, options=options)
     built.append(kernel.fn.__name__)
@@ -63,4 +64,17 @@ def compile_all() -> None:
         unpermute.unpermute_reduce(torch.randn(tokens * k, hidden, dtype=dtype), rows, torch.rand(tokens, k), tokens, k)
         for block_rows, block_cols, power_of_two in ((1, 0, False), (1, 128, False), (128, 128, False), (1, 32, True)):
             quantize.quantize(x, block_rows, block_cols, power_of_two)
+    act = Activation("swiglu")
+    for recipe, ((a_rows, a_cols), (w_rows, w_cols)) in fp8.RECIPES.items():
+        power_of_two = recipe == "mxfp8"
+        w1 = torch.randn(experts, 2 * inner, hidden, dtype=dtype).transpose(1, 2)
+        w1_q = quantize.quantize_weight(w1, w_rows, w_cols, power_of_two)
+        _, h = grouped_gemm.gemm(quantize.quantize(x, a_rows, a_cols, power_of_two), w1_q, offsets, a_rows=rows,
+                                 activation=act, store_h=True, out_dtype=dtype)
+        w2_t = quantize.quantize_weight(torch.randn(experts, hidden, inner, dtype=dtype), w_rows, w_cols, power_of_two)
+        grouped_gemm.gemm_act_backward(quantize.quantize(x, a_rows, a_cols, power_of_two), rows, w2_t, offsets, h,
+                                       torch.ones(tokens * k), act)
+        grouped_gemm.weight_grad(h, x, offsets, torch.empty(experts, inner, hidden, dtype=dtype), a_activation=act,
+                                 b_rows=rows, scale=torch.ones(tokens * k), fp8_rows=fp8.SEGMENT_ROWS[recipe],
+                                 power_of_two=power_of_two)
     print(f"compiled {len(built)} kernel builds for {len(TARGETS)} targets: {sorted(set(built))}")

@@ -14,7 +14,11 @@ view for ``[E, N, K]`` storage.
                          act(H) (recomputed in the prologue), B' optionally gathered and scaled;
                          with the column sums of B' (the bias gradient)
 
-Accumulation in float32; bf16, fp16 and fp32 inputs.
+Accumulation in float32; bf16, fp16 and fp32 inputs, or FP8: ``gemm`` and ``gemm_act_backward``
+take e4m3 operands (``quantize.Quantized``) whose scales they apply per row and column after the
+K loop (rowwise) or per K block inside it (blockwise, MX: BLOCK_K is the scale block; Hopper has
+no MX instructions, so MX scales are applied like blockwise ones); ``weight_grad`` quantizes its
+tiles itself, in blocks of rows that start at each expert's first row.
 """
 
 import torch
@@ -24,8 +28,12 @@ import triton.language as tl
 from . import interpreting
 from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward
 from .align import max_tiles, tile_starts
+from .quantize import Quantized, scale_of, to_e4m3
 
 NO_ACT = -1
+# FP8 modes: no scales; one scale per row of A and column of B, applied after the K loop; one per
+# K block (BLOCK_K) of each row and column, applied to each block's product
+NO_FP8, PER_ROW, PER_K_BLOCK = 0, 1, 2
 
 
 @triton.jit
@@ -55,14 +63,25 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _scaled_dot(a, b, acc, a_scale, b_scale, FP8: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b``, the product scaled by its K block's row and column scales in PER_K_BLOCK."""
+    if FP8 == 2:  # PER_K_BLOCK
+        acc += _dot(a, b, tl.zeros(acc.shape, tl.float32), DOT_F32, IEEE) * (a_scale[:, None] * b_scale[None, :])
+    else:
+        acc = _dot(a, b, acc, DOT_F32, IEEE)
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(
-    a_ptr, a_rows_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, tiles_ptr, offsets_ptr,
+    a_ptr, a_rows_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, tiles_ptr, offsets_ptr, a_scale_ptr, b_scale_ptr,
     N_OUT, K, E,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_hm, stride_hn, stride_bias_e,
+    stride_hm, stride_hn, stride_bias_e, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
     alpha, limit,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-    INTERLEAVED: tl.constexpr, STORE_H: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, STORE_H: tl.constexpr, FP8: tl.constexpr, B_SCALE_ROWS: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -76,6 +95,11 @@ def _gemm_kernel(
         gate_cols = 2 * cols if INTERLEAVED else cols
         up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
         b_base = b_ptr + expert.to(tl.int64) * stride_be
+        # FP8 scales: of A's rows, and of B's gate and up columns ([E, N / B_SCALE_ROWS, K blocks])
+        a_scales = a_scale_ptr + a_rows * stride_sam
+        b_scales = b_scale_ptr + expert * stride_sbe
+        gate_scales = b_scales + (gate_cols // B_SCALE_ROWS) * stride_sbn
+        up_scales = b_scales + (up_cols // B_SCALE_ROWS) * stride_sbn
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -84,12 +108,23 @@ def _gemm_kernel(
                 a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
                 mask=row_ok[:, None] & (ks < K)[None, :], other=0.0,
             )
+            if FP8 == 2:  # PER_K_BLOCK
+                a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
+                gate_scale = tl.load(gate_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
+                up_scale = tl.load(up_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
+            else:
+                a_scale, gate_scale, up_scale = 1.0, 1.0, 1.0
             b_mask = (ks < K)[:, None] & col_ok[None, :]
             b = tl.load(b_base + ks[:, None] * stride_bk + gate_cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-            acc = _dot(a, b, acc, DOT_F32, IEEE)
+            acc = _scaled_dot(a, b, acc, a_scale, gate_scale, FP8, DOT_F32, IEEE)
             if GATED:
                 b = tl.load(b_base + ks[:, None] * stride_bk + up_cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-                acc_up = _dot(a, b, acc_up, DOT_F32, IEEE)
+                acc_up = _scaled_dot(a, b, acc_up, a_scale, up_scale, FP8, DOT_F32, IEEE)
+        if FP8 == 1:  # PER_ROW
+            a_scale = tl.load(a_scales, mask=row_ok, other=0.0)[:, None]
+            acc *= a_scale * tl.load(gate_scales, mask=col_ok, other=0.0)[None, :]
+            if GATED:
+                acc_up *= a_scale * tl.load(up_scales, mask=col_ok, other=0.0)[None, :]
         if HAS_BIAS:
             bias_base = bias_ptr + expert * stride_bias_e
             acc += tl.load(bias_base + gate_cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -113,11 +148,13 @@ def _gemm_kernel(
 
 @triton.jit
 def _gemm_act_backward_kernel(
-    a_ptr, a_rows_ptr, b_ptr, h_ptr, scale_ptr, grad_h_ptr, partial_ptr, tiles_ptr, offsets_ptr,
+    a_ptr, a_rows_ptr, b_ptr, h_ptr, scale_ptr, grad_h_ptr, partial_ptr, tiles_ptr, offsets_ptr, a_scale_ptr,
+    b_scale_ptr,
     N_OUT, K, E,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, stride_gm, stride_gn,
-    stride_pm, alpha, limit,
-    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    stride_pm, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, alpha, limit,
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, FP8: tl.constexpr,
+    B_SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -128,6 +165,8 @@ def _gemm_act_backward_kernel(
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N_OUT
         b_base = b_ptr + expert.to(tl.int64) * stride_be
+        a_scales = a_scale_ptr + a_rows * stride_sam
+        b_scales = b_scale_ptr + expert * stride_sbe + (cols // B_SCALE_ROWS) * stride_sbn
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -139,7 +178,14 @@ def _gemm_act_backward_kernel(
                 b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                 mask=(ks < K)[:, None] & col_ok[None, :], other=0.0,
             )
-            acc = _dot(a, b, acc, DOT_F32, IEEE)
+            if FP8 == 2:  # PER_K_BLOCK
+                a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
+                b_scale = tl.load(b_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
+            else:
+                a_scale, b_scale = 1.0, 1.0
+            acc = _scaled_dot(a, b, acc, a_scale, b_scale, FP8, DOT_F32, IEEE)
+        if FP8 == 1:  # PER_ROW
+            acc *= tl.load(a_scales, mask=row_ok, other=0.0)[:, None] * tl.load(b_scales, mask=col_ok, other=0.0)[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         gate_cols = 2 * cols if INTERLEAVED else cols
         up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
@@ -169,7 +215,7 @@ def _weight_grad_kernel(
     alpha, limit,
     A_GATHER: tl.constexpr, A_ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
     B_GATHER: tl.constexpr, B_SCALE: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    FP8: tl.constexpr, POW2: tl.constexpr, ROUND_FIRST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     expert = tl.program_id(0)
@@ -181,35 +227,59 @@ def _weight_grad_kernel(
     end = tl.load(offsets_ptr + expert)
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     column_sums = tl.zeros((BLOCK_N,), tl.float32)
-    for r0 in range(begin, end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0) if A_GATHER else rows
-        a_mask = row_ok[:, None] & k_ok[None, :]
-        a_base = a_ptr + a_rows[:, None].to(tl.int64) * stride_am
-        if A_ACT >= 0:  # A is the activation of H: recompute it, it was never kept
-            if GATED:
-                gate_cols = 2 * ks if INTERLEAVED else ks
-                up_cols = 2 * ks + 1 if INTERLEAVED else ks + KD
-                gate = tl.load(a_base + gate_cols[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
-                up = tl.load(a_base + up_cols[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
-                a = gated_forward(gate, up, A_ACT, alpha, limit)
+    # FP8 PER_ROW scales each column by its maximum over the whole segment: a first pass finds it
+    amax_a = tl.zeros((BLOCK_K,), tl.float32)
+    amax_b = tl.zeros((BLOCK_N,), tl.float32)
+    for scan in tl.static_range(2 if FP8 == 1 else 1):
+        if scan == 1:
+            scale_a = scale_of(amax_a, POW2)
+            scale_b = scale_of(amax_b, POW2)
+        for r0 in range(begin, end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0) if A_GATHER else rows
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            a_base = a_ptr + a_rows[:, None].to(tl.int64) * stride_am
+            if A_ACT >= 0:  # A is the activation of H: recompute it, it was never kept
+                if GATED:
+                    gate_cols = 2 * ks if INTERLEAVED else ks
+                    up_cols = 2 * ks + 1 if INTERLEAVED else ks + KD
+                    gate = tl.load(a_base + gate_cols[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+                    up = tl.load(a_base + up_cols[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+                    a = gated_forward(gate, up, A_ACT, alpha, limit)
+                else:
+                    a = act_forward(tl.load(a_base + ks[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32), A_ACT)
+                a = tl.where(a_mask, a, 0.0).to(b_ptr.dtype.element_ty)
             else:
-                a = act_forward(tl.load(a_base + ks[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32), A_ACT)
-            a = tl.where(a_mask, a, 0.0).to(b_ptr.dtype.element_ty)
-        else:
-            a = tl.load(a_base + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
-        b_rows = tl.load(b_rows_ptr + rows, mask=row_ok, other=0) if B_GATHER else rows
-        b = tl.load(
-            b_ptr + b_rows[:, None].to(tl.int64) * stride_bm + ns[None, :] * stride_bn,
-            mask=row_ok[:, None] & n_ok[None, :], other=0.0,
-        )
-        if B_SCALE:
-            b = (b.to(tl.float32) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None])
-            b = b.to(b_ptr.dtype.element_ty)
-        if BIAS_GRAD:
-            column_sums += tl.sum(b.to(tl.float32), axis=0)
-        acc = _dot(tl.trans(a), b, acc, DOT_F32, IEEE)
+                a = tl.load(a_base + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+            b_rows = tl.load(b_rows_ptr + rows, mask=row_ok, other=0) if B_GATHER else rows
+            b = tl.load(
+                b_ptr + b_rows[:, None].to(tl.int64) * stride_bm + ns[None, :] * stride_bn,
+                mask=row_ok[:, None] & n_ok[None, :], other=0.0,
+            )
+            if B_SCALE:
+                b = (b.to(tl.float32) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None])
+                b = b.to(b_ptr.dtype.element_ty)
+            if FP8 == 1 and scan == 0:
+                amax_a = tl.maximum(amax_a, tl.max(tl.abs(a.to(tl.float32)), axis=0))
+                amax_b = tl.maximum(amax_b, tl.max(tl.abs(b.to(tl.float32)), axis=0))
+            else:
+                if BIAS_GRAD:
+                    column_sums += tl.sum(b.to(tl.float32), axis=0)
+                if FP8 == 2:  # PER_K_BLOCK: this block of BLOCK_M rows, started at the segment's first row
+                    scale_a = scale_of(tl.max(tl.abs(a.to(tl.float32)), axis=0), POW2)
+                    scale_b = scale_of(tl.max(tl.abs(b.to(tl.float32)), axis=0), POW2)
+                    a = to_e4m3(a, scale_a[None, :], ROUND_FIRST)
+                    b = to_e4m3(b, scale_b[None, :], ROUND_FIRST)
+                    acc += _dot(tl.trans(a), b, tl.zeros(acc.shape, tl.float32), DOT_F32, IEEE) * (
+                        scale_a[:, None] * scale_b[None, :])
+                elif FP8 == 1:
+                    acc = _dot(tl.trans(to_e4m3(a, scale_a[None, :], ROUND_FIRST)),
+                               to_e4m3(b, scale_b[None, :], ROUND_FIRST), acc, DOT_F32, IEEE)
+                else:
+                    acc = _dot(tl.trans(a), b, acc, DOT_F32, IEEE)
+    if FP8 == 1:
+        acc *= scale_a[:, None] * scale_b[None, :]
     out = out_ptr + expert.to(tl.int64) * stride_oe + ks[:, None] * stride_ok + ns[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
     if BIAS_GRAD:
@@ -220,20 +290,41 @@ def _weight_grad_kernel(
 # --- launch -------------------------------------------------------------------------------------
 
 
-def _config(n: int, k: int) -> dict:
+def _config(n: int, k: int, fp8: bool = False, block_k: int | None = None, block_m: int | None = None) -> dict:
     """Tile sizes: small under the interpreter; for Hopper-class GPUs otherwise (also correct on
-    smaller ones). BLOCK_M is the rows per tile, or the rows per step of a weight gradient."""
+    smaller ones). BLOCK_M is the rows per tile, or the rows per step of a weight gradient; FP8
+    scales may fix BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's row blocks)."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-    return dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64 if k >= 64 else 32, num_warps=4, num_stages=3)
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    elif fp8:
+        config = dict(BLOCK_M=128, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=128, num_warps=8, num_stages=3)
+    else:
+        config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64 if k >= 64 else 32, num_warps=4,
+                      num_stages=3)
+    config["BLOCK_K"] = block_k or config["BLOCK_K"]
+    config["BLOCK_M"] = block_m or config["BLOCK_M"]
+    return config
 
 
 def _flags(dtype: torch.dtype) -> dict:
-    return dict(DOT_F32=interpreting() and dtype == torch.bfloat16, IEEE=dtype == torch.float32)
+    # Triton's interpreter multiplies bf16 wrongly; float32 holds e4m3 products exactly
+    return dict(DOT_F32=interpreting() and dtype in (torch.bfloat16, torch.float8_e4m3fn), IEEE=dtype == torch.float32)
 
 
 def _act_code(activation) -> int:
     return NO_ACT if activation is None else CODES[activation.function]
+
+
+def _operands(a, b):
+    """(a's values, b's values, FP8 kernel arguments, the BLOCK_K the scales fix) for plain or
+    ``Quantized`` operands; the arguments: scale pointers, their strides, the FP8 constexprs."""
+    if not isinstance(a, Quantized):
+        return a, b, dict(pointers=(a, b), strides=(0,) * 5, FP8=NO_FP8, B_SCALE_ROWS=1), None
+    torch._check(isinstance(b, Quantized) and a.block[1] == b.block[1], lambda: "FP8 operands need the same K blocks")
+    block_k = a.block[1]
+    arguments = dict(pointers=(a.scales, b.scales), strides=(*a.scales.stride(), *b.scales.stride()),
+                     FP8=PER_K_BLOCK if block_k else PER_ROW, B_SCALE_ROWS=b.block[0])
+    return a.values, b.values, arguments, block_k or None
 
 
 def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=False, out_dtype=None):
@@ -241,60 +332,69 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
 
     a ``[M_a, K]``; ``a_rows`` ``[M]`` int32 picks a's row for each sorted row (None: row r);
     b ``[E, K, N]`` by strides; offsets ``[E]`` int32 ends. A gated activation reads N as gate and
-    up and writes N / 2 columns; ``store_h`` also returns the pre-activation ``[M, N]``.
+    up and writes N / 2 columns; ``store_h`` also returns the pre-activation ``[M, N]``. a and b
+    may both be ``Quantized`` (FP8; out_dtype then names the output's dtype).
     """
+    a, b, fp8, block_k = _operands(a, b)
     num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
     num_experts, k, n = b.shape
     gated = activation is not None and activation.gated
     n_out = n // 2 if gated else n
-    c = a.new_empty(num_rows, n_out, dtype=out_dtype or a.dtype)
-    h = a.new_empty(num_rows, n) if store_h else c
-    config = _config(n_out, k)
+    dtype = out_dtype or a.dtype
+    c = a.new_empty(num_rows, n_out, dtype=dtype)
+    h = a.new_empty(num_rows, n, dtype=dtype) if store_h else c
+    config = _config(n_out, k, fp8["FP8"] != NO_FP8, block_k)
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
     _gemm_kernel[grid](
         a, a_rows if a_rows is not None else offsets, b, c, h, bias if bias is not None else b, tiles, offsets,
-        n_out, k, num_experts,
+        *fp8["pointers"], n_out, k, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        h.stride(0), h.stride(1), bias.stride(0) if bias is not None else 0,
+        h.stride(0), h.stride(1), bias.stride(0) if bias is not None else 0, *fp8["strides"],
         activation.alpha if activation is not None else 0.0, activation.limit if activation is not None else 0.0,
         GATHER=a_rows is not None, HAS_BIAS=bias is not None, ACT=_act_code(activation), GATED=gated,
-        INTERLEAVED=gated and activation.interleaved, STORE_H=store_h,
-        BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
+        INTERLEAVED=gated and activation.interleaved, STORE_H=store_h, FP8=fp8["FP8"],
+        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
     return c, (h if store_h else None)
 
 
 def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     """(dH ``[M, N]``, partial ``[M, tiles]``) with ``G = a[a_rows] @ b[e]`` (b ``[E, K, N_out]``):
-    dH = d act(H) against ``scale * G``; partial sums of ``G . act(H)`` over column tiles."""
+    dH = d act(H) against ``scale * G``; partial sums of ``G . act(H)`` over column tiles. a and b
+    may both be ``Quantized`` (FP8)."""
+    a, b, fp8, block_k = _operands(a, b)
     num_rows = a_rows.shape[0]
     num_experts, k, n_out = b.shape
-    config = _config(n_out, k)
+    config = _config(n_out, k, fp8["FP8"] != NO_FP8, block_k)
     col_tiles = triton.cdiv(n_out, config["BLOCK_N"])
     grad_h = torch.empty_like(h)
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]), col_tiles)
     _gemm_act_backward_kernel[grid](
-        a, a_rows, b, h, scale, grad_h, partial, tiles, offsets,
+        a, a_rows, b, h, scale, grad_h, partial, tiles, offsets, *fp8["pointers"],
         n_out, k, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), h.stride(0), h.stride(1),
-        grad_h.stride(0), grad_h.stride(1), partial.stride(0), activation.alpha, activation.limit,
-        ACT=_act_code(activation), GATED=activation.gated, INTERLEAVED=activation.interleaved,
-        BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
+        grad_h.stride(0), grad_h.stride(1), partial.stride(0), *fp8["strides"], activation.alpha, activation.limit,
+        ACT=_act_code(activation), GATED=activation.gated, INTERLEAVED=activation.interleaved, FP8=fp8["FP8"],
+        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
     return grad_h, partial
 
 
-def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=None, scale=None, bias_grad=None):
+def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=None, scale=None, bias_grad=None,
+                fp8_rows=None, power_of_two=False):
     """``out[e] = sum over expert e's rows of A'[r]^T B'[r]`` into ``out`` ``[E, K, N]`` (any strides).
 
     A' is ``a[a_rows]``, or the activation of ``a`` (the pre-activation H, ``[M, 2K]`` if gated);
     B' is ``b[b_rows] * scale``. ``bias_grad`` ``[E, N]``, if given, receives B's column sums.
+    With ``fp8_rows`` (0: each expert's whole segment) A' and B' are quantized to e4m3 in blocks of
+    that many rows x 1 column, starting at each expert's first row (``power_of_two``: MX scales).
     """
     num_experts, kd, nd = out.shape
-    config = _config(nd, kd)
+    fp8 = NO_FP8 if fp8_rows is None else PER_K_BLOCK if fp8_rows else PER_ROW
+    config = _config(nd, kd, fp8 != NO_FP8, block_m=fp8_rows)
     grid = (num_experts, triton.cdiv(kd, config["BLOCK_K"]), triton.cdiv(nd, config["BLOCK_N"]))
     gated = a_activation is not None and a_activation.gated
     _weight_grad_kernel[grid](
@@ -306,6 +406,7 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         a_activation.alpha if a_activation is not None else 0.0, a_activation.limit if a_activation is not None else 0.0,
         A_GATHER=a_rows is not None, A_ACT=_act_code(a_activation), GATED=gated,
         INTERLEAVED=gated and a_activation.interleaved, B_GATHER=b_rows is not None, B_SCALE=scale is not None,
-        BIAS_GRAD=bias_grad is not None, **_flags(b.dtype), **config,
+        BIAS_GRAD=bias_grad is not None, FP8=fp8, POW2=power_of_two, ROUND_FIRST=interpreting() and fp8 != NO_FP8,
+        **_flags(torch.float8_e4m3fn if fp8 != NO_FP8 else b.dtype), **config,
     )
     return out

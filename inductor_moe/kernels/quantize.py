@@ -3,8 +3,11 @@
 power of two read from amax's exponent bits for MX).
 
 One program per block: a first sweep over its columns takes the absolute maximum, a second
-scales, saturates and rounds (to nearest even) into e4m3.
+scales, saturates and rounds (to nearest even) into e4m3. ``scale_of`` and ``to_e4m3`` also serve
+the grouped GEMMs that quantize their tiles themselves (weight gradients).
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -12,8 +15,14 @@ import triton.language as tl
 
 from . import interpreting
 
-E4M3_MAX = 448.0
-_TINY = torch.finfo(torch.float32).tiny
+
+class Quantized(NamedTuple):
+    """An FP8 GEMM operand: e4m3 ``values`` with a float32 scale per block of ``block`` (rows,
+    cols) elements along its last two dims; ``scales`` ``[..., ceil(rows / r), ceil(cols / c)]``."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    block: tuple[int, int]
 
 
 @triton.jit
@@ -29,14 +38,38 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
+def scale_of(amax, POW2: tl.constexpr):
+    """The float32 scale of blocks with absolute maximum ``amax``: amax / 448 (at least float32's
+    smallest normal), or for MX ``2 ** (floor(log2(amax)) - 8)`` from amax's exponent bits."""
+    if POW2:
+        exponent = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 8
+        scale = tl.exp2(tl.minimum(tl.maximum(exponent, -127), 127).to(tl.float32))
+    else:
+        scale = tl.maximum(amax / 448.0, 1.1754943508222875e-38)
+    return scale
+
+
+@triton.jit
+def to_e4m3(x, scale, ROUND_FIRST: tl.constexpr):
+    """``x / scale`` saturated and rounded to nearest even into e4m3."""
+    scaled = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0)
+    if ROUND_FIRST:
+        scaled = _round_to_e4m3(scaled)
+    return scaled.to(tl.float8e4nv)
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, block_cols,
-    stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sk,
-    TINY: tl.constexpr, BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    stride_xb, stride_xm, stride_xk, stride_qb, stride_qm, stride_qk, stride_sb, stride_sm, stride_sk,
+    BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr, ROUND_FIRST: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     start = tl.program_id(1) * block_cols
     end = tl.minimum(start + block_cols, K)
+    batch = tl.program_id(2).to(tl.int64)
+    x_ptr += batch * stride_xb
+    q_ptr += batch * stride_qb
     row_ok = rows < M
     amax = tl.zeros((BLOCK_ROWS, CHUNK), tl.float32)
     for c in range(start, end, CHUNK):
@@ -44,35 +77,37 @@ def _quantize_kernel(
         mask = row_ok[:, None] & (cols < end)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    block_max = tl.max(tl.max(amax, axis=1), axis=0)
-    if POW2:
-        exponent = ((block_max.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 8
-        exponent = tl.minimum(tl.maximum(exponent, -127), 127)
-        scale = tl.exp2(exponent.to(tl.float32))
-    else:
-        scale = tl.maximum(block_max / 448.0, TINY)
+    scale = scale_of(tl.max(tl.max(amax, axis=1), axis=0), POW2)
     for c in range(start, end, CHUNK):
         cols = c + tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols < end)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        scaled = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0)
-        if ROUND_FIRST:
-            scaled = _round_to_e4m3(scaled)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, scaled.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + tl.program_id(0) * stride_sm + tl.program_id(1) * stride_sk, scale)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, to_e4m3(x, scale, ROUND_FIRST), mask=mask)
+    tl.store(scale_ptr + batch * stride_sb + tl.program_id(0) * stride_sm + tl.program_id(1) * stride_sk, scale)
 
 
-def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bool = False):
-    """(q e4m3 ``[M, K]``, float32 scales ``[ceil(M/rows), ceil(K/cols)]``); 0 is the whole dim."""
-    m, k = x.shape
-    block_rows, block_cols = block_rows or m, block_cols or k
-    torch._check(block_rows & (block_rows - 1) == 0, lambda: f"block rows must be a power of two, got {block_rows}")
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(triton.cdiv(m, block_rows), triton.cdiv(k, block_cols), dtype=torch.float32, device=x.device)
-    chunk = min(triton.next_power_of_2(block_cols), 16 if interpreting() else 128)
-    _quantize_kernel[scales.shape](
-        x, q, scales, m, k, block_cols, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        scales.stride(0), scales.stride(1), TINY=_TINY, BLOCK_ROWS=block_rows, CHUNK=chunk, POW2=power_of_two,
-        ROUND_FIRST=interpreting(),
+def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bool = False) -> Quantized:
+    """``x`` ``[M, K]`` or ``[B, M, K]`` (any strides) in blocks of ``block_rows x block_cols`` (0:
+    the whole dim): values e4m3 and contiguous, scales ``[..., ceil(M/rows), ceil(K/cols)]``."""
+    batched = x if x.dim() == 3 else x.unsqueeze(0)
+    batch, m, k = batched.shape
+    rows, cols = block_rows or m, block_cols or k
+    torch._check(rows & (rows - 1) == 0, lambda: f"block rows must be a power of two, got {rows}")
+    q = torch.empty(batched.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(batch, triton.cdiv(m, rows), triton.cdiv(k, cols), dtype=torch.float32, device=x.device)
+    chunk = min(triton.next_power_of_2(cols), 16 if interpreting() else 128)
+    _quantize_kernel[(scales.shape[1], scales.shape[2], batch)](
+        batched, q, scales, m, k, cols, *batched.stride(), *q.stride(), *scales.stride(),
+        BLOCK_ROWS=rows, CHUNK=chunk, POW2=power_of_two, ROUND_FIRST=interpreting(),
     )
-    return q, scales
+    if x.dim() == 2:
+        q, scales = q[0], scales[0]
+    return Quantized(q, scales, (block_rows, block_cols))
+
+
+def quantize_weight(b: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bool = False) -> Quantized:
+    """A grouped GEMM's B operand ``[E, K, N]`` (any strides) in blocks of ``block_rows`` of N x
+    ``block_cols`` of K: values stored ``[E, N, K]``, K contiguous as FP8 tensor cores read B,
+    and returned as the ``[E, K, N]`` view; scales ``[E, ceil(N / rows), ceil(K / cols)]``."""
+    values, scales, block = quantize(b.transpose(1, 2), block_rows, block_cols, power_of_two)
+    return Quantized(values.transpose(1, 2), scales, block)

@@ -5,10 +5,39 @@ gradients in their weight's storage layout.
 """
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from ..kernels import align, grouped_gemm, routing, unpermute
+from ..kernels import align, grouped_gemm, quantize, routing, unpermute
+from . import fp8
 from .activations import Activation
 from .cpu import stored_out_in
+
+# weight tensor (the root of its views) -> {(view, recipe): (version, Quantized)}: each weight is
+# quantized once per value (once per training step; once for inference); the entry dies with it
+_QUANTIZED_WEIGHTS = WeakIdKeyDictionary()
+
+
+def _activation(x: torch.Tensor, recipe: str | None):
+    """A GEMM's A operand as the kernels take it: x, or x quantized in the recipe's activation blocks."""
+    if recipe is None:
+        return x
+    rows, cols = fp8.RECIPES[recipe][0]
+    return quantize.quantize(x, rows, cols, recipe == "mxfp8")
+
+
+def _weight(b: torch.Tensor, recipe: str | None):
+    """A GEMM's B operand ``[E, K, N]`` as the kernels take it: b, or b quantized in the recipe's
+    weight blocks, cached until the weight changes (its version counter moves)."""
+    if recipe is None:
+        return b
+    root = b if b._base is None else b._base
+    key = (b.shape, b.stride(), b.storage_offset(), recipe)
+    cached = _QUANTIZED_WEIGHTS.setdefault(root, {}).get(key)
+    if cached is None or cached[0] != b._version:
+        rows, cols = fp8.RECIPES[recipe][1]
+        cached = b._version, quantize.quantize_weight(b, rows, cols, recipe == "mxfp8")
+        _QUANTIZED_WEIGHTS[root][key] = cached
+    return cached[1]
 
 
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
@@ -25,8 +54,10 @@ def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, s
 def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe=None):
     num_tokens, k = ids.shape
     order, inverse, token_of_row, offsets = align.align(ids, w1.shape[0])
-    a, h = grouped_gemm.gemm(x, w1, offsets, a_rows=token_of_row, bias=b1, activation=act, store_h=True)
-    y, _ = grouped_gemm.gemm(a, w2, offsets, bias=b2)
+    # FP8: x is quantized per token, before the gather: T rows, not T * k
+    a, h = grouped_gemm.gemm(_activation(x, fp8_recipe), _weight(w1, fp8_recipe), offsets, a_rows=token_of_row,
+                             bias=b1, activation=act, store_h=True, out_dtype=x.dtype)
+    y, _ = grouped_gemm.gemm(_activation(a, fp8_recipe), _weight(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
     out = unpermute.unpermute_reduce(y, inverse, weights, num_tokens, k, out_dtype=x.dtype)
     return out, h, order.long(), offsets
 
@@ -45,20 +76,28 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     grad_out = grad_out.contiguous()
     _, inverse, token_of_row, _ = align.align(ids, num_experts)  # the same sort as the forward's
     scale = weights.reshape(-1)[order].float()
-    grad_h, partial = grouped_gemm.gemm_act_backward(grad_out, token_of_row, w2.transpose(1, 2), offsets, h, scale, act)
+    grad_h, partial = grouped_gemm.gemm_act_backward(
+        _activation(grad_out, fp8_recipe), token_of_row, _weight(w2.transpose(1, 2), fp8_recipe), offsets, h, scale, act
+    )
     grad_scale = partial.sum(dim=1)
     if b2 is not None:  # the bias's share of each expert output: <grad_t, b2[e]>
         expert_of_row = ids.reshape(-1)[order]
         grad_scale += (grad_out[token_of_row.long()].float() * b2[expert_of_row].float()).sum(dim=-1)
     grad_weights = grad_scale[inverse.long()].view(num_tokens, k).to(weights.dtype)
 
+    weight_grad_fp8 = {}
+    if fp8_recipe is not None and fp8_weight_grad:
+        weight_grad_fp8 = dict(fp8_rows=fp8.SEGMENT_ROWS[fp8_recipe], power_of_two=fp8_recipe == "mxfp8")
     grad_w2, grad_b2 = _like_storage(w2), None if b2 is None else torch.empty_like(b2)
     grouped_gemm.weight_grad(
-        h, grad_out, offsets, grad_w2, a_activation=act, b_rows=token_of_row, scale=scale, bias_grad=grad_b2
+        h, grad_out, offsets, grad_w2, a_activation=act, b_rows=token_of_row, scale=scale, bias_grad=grad_b2,
+        **weight_grad_fp8,
     )
     grad_w1, grad_b1 = _like_storage(w1), None if b1 is None else torch.empty_like(b1)
-    grouped_gemm.weight_grad(x, grad_h, offsets, grad_w1, a_rows=token_of_row, bias_grad=grad_b1)
-    grad_x_rows, _ = grouped_gemm.gemm(grad_h, w1.transpose(1, 2), offsets)
+    grouped_gemm.weight_grad(x, grad_h, offsets, grad_w1, a_rows=token_of_row, bias_grad=grad_b1, **weight_grad_fp8)
+    grad_x_rows, _ = grouped_gemm.gemm(
+        _activation(grad_h, fp8_recipe), _weight(w1.transpose(1, 2), fp8_recipe), offsets, out_dtype=x.dtype
+    )
     grad_x = unpermute.unpermute_reduce(grad_x_rows, inverse, None, num_tokens, k, out_dtype=x.dtype)
     no_bias = x.new_empty(0), x.new_empty(0)  # distinct: outputs must not alias
     return (grad_x, grad_weights, grad_w1, grad_w2, no_bias[0] if b1 is None else grad_b1,
