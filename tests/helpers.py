@@ -98,7 +98,7 @@ def assert_matches_eager(model, compiled, x: torch.Tensor) -> None:
     seed = int(torch.randint(2**31, ()))
 
     def grad_like(out):  # the same values in every run, rounded to the model's dtype
-        return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(out.dtype)
+        return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, dtype).to(out.dtype)
 
     names = ["output", *(["grad of x"] if x.is_floating_point() else []),
              *(f"grad of {name}" for name, _ in model.named_parameters())]

@@ -43,7 +43,9 @@ def scale_of(amax, POW2: tl.constexpr):
     smallest normal), or for MX ``2 ** (floor(log2(amax)) - 8)`` from amax's exponent bits."""
     if POW2:
         exponent = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 8
-        scale = tl.exp2(tl.minimum(tl.maximum(exponent, -127), 127).to(tl.float32))
+        exponent = tl.minimum(tl.maximum(exponent, -127), 127)
+        # 2 ** exponent from its bits: a GPU's exp2 flushes 2 ** -127 (subnormal) to zero
+        scale = tl.where(exponent > -127, (exponent + 127) << 23, 1 << 22).to(tl.float32, bitcast=True)
     else:
         scale = tl.maximum(amax / 448.0, 1.1754943508222875e-38)
     return scale
@@ -51,8 +53,9 @@ def scale_of(amax, POW2: tl.constexpr):
 
 @triton.jit
 def to_e4m3(x, scale, ROUND_FIRST: tl.constexpr):
-    """``x / scale`` saturated and rounded to nearest even into e4m3."""
-    scaled = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0)
+    """``x / scale`` saturated and rounded to nearest even into e4m3 (an IEEE division: a GPU's
+    default one is approximate and flushes subnormals)."""
+    scaled = tl.minimum(tl.maximum(tl.div_rn(x.to(tl.float32), scale), -448.0), 448.0)
     if ROUND_FIRST:
         scaled = _round_to_e4m3(scaled)
     return scaled.to(tl.float8e4nv)
@@ -62,28 +65,38 @@ def to_e4m3(x, scale, ROUND_FIRST: tl.constexpr):
 def _quantize_kernel(
     x_ptr, q_ptr, scale_ptr, M, K, block_cols,
     stride_xb, stride_xm, stride_xk, stride_qb, stride_qm, stride_qk, stride_sb, stride_sm, stride_sk,
-    BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    ROWS: tl.constexpr, SHARED: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr, ROUND_FIRST: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    """One program: ROWS rows of one column block; SHARED: they are one block with one scale, else
+    each row is a block of its own."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     start = tl.program_id(1) * block_cols
     end = tl.minimum(start + block_cols, K)
     batch = tl.program_id(2).to(tl.int64)
     x_ptr += batch * stride_xb
     q_ptr += batch * stride_qb
     row_ok = rows < M
-    amax = tl.zeros((BLOCK_ROWS, CHUNK), tl.float32)
+    amax = tl.zeros((ROWS, CHUNK), tl.float32)
     for c in range(start, end, CHUNK):
         cols = c + tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols < end)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = scale_of(tl.max(tl.max(amax, axis=1), axis=0), POW2)
+    amax = tl.max(amax, axis=1)
+    if SHARED:
+        amax = tl.max(amax, axis=0)
+    scale = scale_of(amax, POW2)
     for c in range(start, end, CHUNK):
         cols = c + tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols < end)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, to_e4m3(x, scale, ROUND_FIRST), mask=mask)
-    tl.store(scale_ptr + batch * stride_sb + tl.program_id(0) * stride_sm + tl.program_id(1) * stride_sk, scale)
+        q = to_e4m3(x, scale if SHARED else scale[:, None], ROUND_FIRST)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, q, mask=mask)
+    scales = scale_ptr + batch * stride_sb + tl.program_id(1) * stride_sk
+    if SHARED:
+        tl.store(scales + tl.program_id(0) * stride_sm, scale)
+    else:
+        tl.store(scales + rows * stride_sm, scale, mask=row_ok)
 
 
 def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bool = False) -> Quantized:
@@ -95,10 +108,11 @@ def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bo
     torch._check(rows & (rows - 1) == 0, lambda: f"block rows must be a power of two, got {rows}")
     q = torch.empty(batched.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(batch, triton.cdiv(m, rows), triton.cdiv(k, cols), dtype=torch.float32, device=x.device)
-    chunk = min(triton.next_power_of_2(cols), 16 if interpreting() else 128)
-    _quantize_kernel[(scales.shape[1], scales.shape[2], batch)](
+    chunk = min(triton.next_power_of_2(cols), 32 if interpreting() else 128)
+    rows_per_program = rows if rows > 1 else 16 if interpreting() else 8  # blocks of one row: several a program
+    _quantize_kernel[(triton.cdiv(m, rows_per_program), scales.shape[2], batch)](
         batched, q, scales, m, k, cols, *batched.stride(), *q.stride(), *scales.stride(),
-        BLOCK_ROWS=rows, CHUNK=chunk, POW2=power_of_two, ROUND_FIRST=interpreting(),
+        ROWS=rows_per_program, SHARED=rows > 1, CHUNK=chunk, POW2=power_of_two, ROUND_FIRST=interpreting(),
     )
     if x.dim() == 2:
         q, scales = q[0], scales[0]
