@@ -290,12 +290,21 @@ def _weight_grad_kernel(
 # --- launch -------------------------------------------------------------------------------------
 
 
-def _config(n: int, k: int, fp8: bool = False, block_k: int | None = None, block_m: int | None = None) -> dict:
+def _config(n: int, k: int, fp8: bool = False, block_k: int | None = None, block_m: int | None = None,
+            forward: bool = False, gated: bool = False) -> dict:
     """Tile sizes: small under the interpreter; for Hopper-class GPUs otherwise (also correct on
     smaller ones). BLOCK_M is the rows per tile, or the rows per step of a weight gradient; FP8
-    scales may fix BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's row blocks)."""
+    scales may fix BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's row blocks).
+    ``forward``: ``gemm``'s tiles, from the H100 sweep of benchmarks/tune_gemm.py (results in
+    benchmarks/results/h100_gemm_configs.json); the backward kernels keep the first configs."""
     if interpreting():
         config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    elif forward and n >= 256 and not gated:
+        config = dict(BLOCK_M=64 if fp8 else 128, BLOCK_N=256, BLOCK_K=128 if fp8 else 64, num_warps=8, num_stages=3)
+    elif forward and n >= 128:
+        # a gated epilogue loads two B tiles a step and converts two accumulators: wider tiles pass
+        # Hopper's 227 KB of shared memory when it also stores H (three stages; two lost a third)
+        config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if fp8 else 64, num_warps=8, num_stages=3)
     elif fp8:
         config = dict(BLOCK_M=128, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=128, num_warps=8, num_stages=3)
     else:
@@ -343,7 +352,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     dtype = out_dtype or a.dtype
     c = a.new_empty(num_rows, n_out, dtype=dtype)
     h = a.new_empty(num_rows, n, dtype=dtype) if store_h else c
-    config = _config(n_out, k, fp8["FP8"] != NO_FP8, block_k)
+    config = _config(n_out, k, fp8["FP8"] != NO_FP8, block_k, forward=True, gated=gated)
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
     _gemm_kernel[grid](
