@@ -18,7 +18,7 @@ def sqnr(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (10 * torch.log10(reference.double().square().sum() / noise)).item()
 
 
-def _run_experts(operands: dict, grad_out: torch.Tensor, **options) -> dict:
+def run_experts(operands: dict, grad_out: torch.Tensor, **options) -> dict:
     """The experts op's output and gradients (x, w1, w2) on leaf copies of ``operands``."""
     leaves = {name: t.detach().requires_grad_(name in GRADIENTS) if t is not None else None for name, t in operands.items()}
     out = torch.ops.inductor_moe.experts(*leaves.values(), **options)[0]
@@ -32,8 +32,8 @@ def experts_sqnr(recipe: str, operands: dict, activation: str = "swiglu", weight
     ``options``: the activation's (interleaved, alpha, limit)."""
     operands = {name: t.float() if t is not None and name not in ("ids",) else t for name, t in operands.items()}
     grad_out = torch.randn_like(operands["x"])
-    reference = _run_experts(operands, grad_out, activation=activation, **options)
-    fp8 = _run_experts(operands, grad_out, activation=activation, fp8_recipe=recipe, fp8_weight_grad=weight_grad,
+    reference = run_experts(operands, grad_out, activation=activation, **options)
+    fp8 = run_experts(operands, grad_out, activation=activation, fp8_recipe=recipe, fp8_weight_grad=weight_grad,
                        **options)
     return {name: sqnr(fp8[name], reference[name]) for name in reference}
 

@@ -196,8 +196,8 @@ def kernel_and_emulation(recipe, operands, **options):
     GPU), and on the recipe's torch emulation, from the same float32 operands."""
     grad_out = torch.randn_like(operands["x"])
     with inductor_moe.config.patch(triton_on_cpu=True):
-        kernels = accuracy._run_experts(operands, grad_out, fp8_recipe=recipe, **options)
-    emulation = accuracy._run_experts({k: None if v is None else v.cpu() for k, v in operands.items()}, grad_out.cpu(),
+        kernels = accuracy.run_experts(operands, grad_out, fp8_recipe=recipe, **options)
+    emulation = accuracy.run_experts({k: None if v is None else v.cpu() for k, v in operands.items()}, grad_out.cpu(),
                                       fp8_recipe=recipe, **options)
     return kernels, emulation
 
