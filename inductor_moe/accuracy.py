@@ -30,7 +30,7 @@ def experts_sqnr(recipe: str, operands: dict, activation: str = "swiglu", weight
     """SQNR (dB) of the FP8 experts op's output and its x, w1, w2 gradients against the float32 op
     on the same float32 operands (x, ids, weights, w1, w2, b1, b2) and output gradient;
     ``options``: the activation's (interleaved, alpha, limit)."""
-    operands = {name: t.float() if t is not None and name not in ("ids",) else t for name, t in operands.items()}
+    operands = {name: t.float() if t is not None and name != "ids" else t for name, t in operands.items()}
     grad_out = torch.randn_like(operands["x"])
     reference = run_experts(operands, grad_out, activation=activation, **options)
     fp8 = run_experts(operands, grad_out, activation=activation, fp8_recipe=recipe, fp8_weight_grad=weight_grad,

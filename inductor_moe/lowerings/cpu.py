@@ -37,8 +37,13 @@ def _runs_torch_code(tensor) -> bool:
     return tensor.device.type == "cpu" and not implementation.uses_kernels(tensor)
 
 
-def _experts_traceable(x, w1, w2) -> bool:
-    return _runs_torch_code(x) and cpu.compilable(x, w1, w2)
+def _experts_traceable(match: Match, x_index: int) -> bool:
+    """Whether the matched experts (backward) op, x at ``x_index`` and its weights 3 and 4 places
+    later, can be traced: torch code on CPU, _grouped_mm-compilable, not FP8."""
+    node = match.output_node()
+    x, w1, w2 = (_value(node.args[i]) for i in (x_index, x_index + 3, x_index + 4))
+    fp8 = _bound(node.target, node.args, node.kwargs)["fp8_recipe"]
+    return fp8 is None and _runs_torch_code(x) and cpu.compilable(x, w1, w2)
 
 
 def _activation(a: dict) -> Activation:
@@ -68,13 +73,9 @@ def _route_backward(match: Match, *args, **kwargs):
     )
 
 
-def _experts_check(match: Match) -> bool:
-    node = match.output_node()
-    x, _, _, w1, w2 = (_value(n) for n in node.args[:5])
-    return _bound(node.target, node.args, node.kwargs)["fp8_recipe"] is None and _experts_traceable(x, w1, w2)
-
-
-@register_graph_pattern(CallFunctionVarArgs(_OPS.experts.default), pass_dict=_PASS, extra_check=_experts_check)
+@register_graph_pattern(
+    CallFunctionVarArgs(_OPS.experts.default), pass_dict=_PASS, extra_check=lambda match: _experts_traceable(match, 0)
+)
 def _experts(match: Match, *args, **kwargs):
     a = _bound(_OPS.experts.default, args, kwargs)
     act = _activation(a)
@@ -82,14 +83,9 @@ def _experts(match: Match, *args, **kwargs):
     match.replace_by_example(lambda *t: cpu.experts_forward(*t, act), tensors)
 
 
-def _experts_backward_check(match: Match) -> bool:
-    node = match.output_node()
-    _, x, _, _, w1, w2 = (_value(n) for n in node.args[:6])
-    return _bound(node.target, node.args, node.kwargs)["fp8_recipe"] is None and _experts_traceable(x, w1, w2)
-
-
 @register_graph_pattern(
-    CallFunctionVarArgs(_OPS.experts_backward.default), pass_dict=_PASS, extra_check=_experts_backward_check
+    CallFunctionVarArgs(_OPS.experts_backward.default), pass_dict=_PASS,
+    extra_check=lambda match: _experts_traceable(match, 1),
 )
 def _experts_backward(match: Match, *args, **kwargs):
     a = _bound(_OPS.experts_backward.default, args, kwargs)
