@@ -1,5 +1,6 @@
 """Tile-config sweep for the grouped GEMM (GPU): the up projection with fused gather and SwiGLU,
-and the down projection, in bf16 and FP8 (blockwise), at two SonicMoE shapes. Prints each
+and the down projection, in bf16, FP8 blockwise and MXFP8 (tiles dequantized to bf16 in the
+kernel, so bf16's configs are its candidates), at two SonicMoE shapes. Prints each
 config's median and TFLOP/s; the best ones go into kernels/grouped_gemm.py's ``_config``.
 
     python benchmarks/tune_gemm.py --json benchmarks/results/<device>_gemm_configs.json
@@ -40,8 +41,10 @@ def main() -> None:
             "bf16": (x, w1, a, w2),
             "fp8 blockwise": (quantize.quantize(x, 1, 128), quantize.quantize_weight(w1, 128, 128),
                               quantize.quantize(a, 1, 128), quantize.quantize_weight(w2, 128, 128)),
+            "mxfp8": (quantize.quantize(x, 1, 32, True), quantize.quantize_weight(w1, 1, 32, True),
+                      quantize.quantize(a, 1, 32, True), quantize.quantize_weight(w2, 1, 32, True)),
         }
-        for precision, configs in (("bf16", BF16), ("fp8 blockwise", FP8)):
+        for precision, configs in (("bf16", BF16), ("fp8 blockwise", FP8), ("mxfp8", BF16)):
             x_op, w1_op, a_op, w2_op = operands[precision]
             for bm, bn, bk, warps, stages in configs:
                 config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)

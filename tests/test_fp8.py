@@ -172,7 +172,7 @@ def test_quantize_kernel_is_bit_exact(block, shape):
     if shape[0] > 2:
         x[1] = 3e38
         x[2] = 1e-40
-    q, scales, _ = kernel.quantize(x, rows, cols, power_of_two)
+    q, scales, *_ = kernel.quantize(x, rows, cols, power_of_two)
     expected_q, expected_scales = fp8.quantize(x, rows, cols, power_of_two)
     assert torch.equal(scales, expected_scales)
     assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))
@@ -185,10 +185,56 @@ def test_quantize_kernel_takes_expert_batches(block):
 
     rows, cols, power_of_two = BLOCKS[block]
     w = torch.randn(3, 130, 200, device=DEVICE) * torch.logspace(-2, 2, 3, device=DEVICE)[:, None, None]
-    q, scales, _ = kernel.quantize_weight(w.transpose(1, 2), rows, cols, power_of_two)
+    q, scales, *_ = kernel.quantize_weight(w.transpose(1, 2), rows, cols, power_of_two)
     expected_q, expected_scales = fp8.quantize(w, rows, cols, power_of_two)
     assert torch.equal(scales, expected_scales)
     assert torch.equal(q.transpose(1, 2).view(torch.uint8), expected_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("prologue", ["plain", "gathered and scaled", "activation"])
+@pytest.mark.parametrize("recipe", fp8.SEGMENT_ROWS)
+def test_segment_quantizer_is_bit_exact(recipe, prologue):
+    """A weight gradient's operand, quantized in blocks along each expert's rows: the kernel's
+    values times scales equal the torch recipe bit for bit, with the prologue (gathered rows,
+    row scales, a recomputed activation) applied first, and the column sums of what it quantized.
+    Segments of 0, 1, 45 and 290 rows (several 128-row blocks); huge, tiny and zero columns."""
+    from inductor_moe.kernels import quantize as kernel
+
+    offsets = torch.tensor([45, 45, 46, 336], dtype=torch.int32, device=DEVICE)
+    rows = int(offsets[-1])
+    width = 19
+    gated = prologue == "activation"
+    source = torch.randn(rows, width, 2 if gated else 1, device=DEVICE)
+    source *= torch.logspace(-15, 15, width, device=DEVICE)[:, None] ** (1 if gated else 2)
+    source[:, 3] = 0.0
+    source = source.transpose(1, 2).flatten(1)  # gated: gate and up halves, their product as wide-ranging
+    options, expected = {}, source
+    if prologue == "gathered and scaled":
+        source = source[:100]
+        options = dict(rows=torch.randint(0, 100, (rows,), dtype=torch.int32, device=DEVICE),
+                       row_scale=torch.rand(rows, device=DEVICE))
+        expected = source[options["rows"].long()] * options["row_scale"][:, None]
+    elif prologue == "activation":
+        activation = Activation("reglu")  # exact in float32 in both: the kernel's exp would differ by an ulp
+        options, expected = dict(activation=activation), activation.forward(source)
+    sums = torch.empty(offsets.shape[0], width, device=DEVICE)
+    q = kernel.quantize_segments(source, offsets, fp8.SEGMENT_ROWS[recipe], column_sums=sums,
+                                 power_of_two=recipe == "mxfp8", **options)
+    assert q.values.shape == (rows, width) and q.values.stride() == (1, rows)
+    block_rows = fp8.SEGMENT_ROWS[recipe]
+    expert = torch.searchsorted(offsets, torch.arange(rows, device=DEVICE, dtype=torch.int32), right=True)
+    if block_rows:
+        begin = torch.nn.functional.pad(offsets, (1, 0))[expert]
+        tiles = torch.nn.functional.pad(torch.cumsum((offsets.diff(prepend=offsets[:1] * 0) + block_rows - 1)
+                                                     // block_rows, 0), (1, 0))
+        block = tiles[expert] + (torch.arange(rows, device=DEVICE) - begin) // block_rows
+    else:
+        block = expert
+    dequantized = q.values.float() * q.scales[block]
+    assert torch.equal(dequantized, fp8.fake_quantize_segments(expected, offsets, recipe))
+    segment_sums = torch.zeros_like(sums).index_add_(0, expert, expected)
+    column_scale = expected.abs().amax(0).clamp(min=1e-38)  # columns span 60 orders of magnitude
+    torch.testing.assert_close(sums / column_scale, segment_sums / column_scale)
 
 
 def kernel_and_emulation(recipe, operands, **options):

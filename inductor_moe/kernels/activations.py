@@ -15,7 +15,6 @@ SWIGLU_OAI = tl.constexpr(4)
 CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
 
 
-
 # Builtins and literals only (tl.exp, not tl.sigmoid; no constexpr globals in arithmetic): Triton's
 # interpreter fails on jit functions nested four calls deep, and these helpers run inside helpers.
 # Constants: 1/sqrt(2) = 0.70710678, sqrt(2/pi) = 0.79788456, 1/sqrt(2 pi) = 0.39894228.
@@ -75,3 +74,27 @@ def gated_backward(gate, up, grad, ACT: tl.constexpr, alpha, limit):
         grad_gate = grad * up * act_derivative(gate, ACT)
         grad_up = grad * act_forward(gate, ACT)
     return grad_gate, grad_up
+
+
+@triton.jit
+def load_operand_rows(ptr, rows_ptr, rows, row_ok, cols, col_ok, width, stride_m, stride_n, alpha, limit,
+                      GATHER: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """float32 ``x[rows_ptr[rows], cols]`` (GATHER) or ``x[rows, cols]``; with an activation, its
+    value on those rows of the pre-activation x (gated: gate and up columns, ``width`` each,
+    interleaved or in halves), recomputed because it was never kept. Zero outside the masks."""
+    sources = tl.load(rows_ptr + rows, mask=row_ok, other=0) if GATHER else rows
+    mask = row_ok[:, None] & col_ok[None, :]
+    base = ptr + sources[:, None].to(tl.int64) * stride_m
+    if ACT >= 0:
+        if GATED:
+            gate_cols = 2 * cols if INTERLEAVED else cols
+            up_cols = 2 * cols + 1 if INTERLEAVED else cols + width
+            gate = tl.load(base + gate_cols[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(base + up_cols[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
+            x = gated_forward(gate, up, ACT, alpha, limit)
+        else:
+            x = act_forward(tl.load(base + cols[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32), ACT)
+        x = tl.where(mask, x, 0.0)
+    else:
+        x = tl.load(base + cols[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
+    return x

@@ -14,11 +14,13 @@ view for ``[E, N, K]`` storage.
                          act(H) (recomputed in the prologue), B' optionally gathered and scaled;
                          with the column sums of B' (the bias gradient)
 
-Accumulation in float32; bf16, fp16 and fp32 inputs, or FP8: ``gemm`` and ``gemm_act_backward``
-take e4m3 operands (``quantize.Quantized``) whose scales they apply per row and column after the
-K loop (rowwise) or per K block inside it (blockwise, MX: BLOCK_K is the scale block; Hopper has
-no MX instructions, so MX scales are applied like blockwise ones); ``weight_grad`` quantizes its
-tiles itself, in blocks of rows that start at each expert's first row.
+Accumulation in float32; bf16, fp16 and fp32 inputs, or FP8: e4m3 operands
+(``quantize.Quantized``) whose scales the kernels apply per row and column after the K loop
+(rowwise), or per K block inside it (blockwise: BLOCK_K is the scale block). Hopper has no MX
+instructions, and an FP8 tensor-core step over MX's 32-element blocks would spend more time
+rescaling than multiplying: MX tiles are dequantized in registers instead, exactly (e4m3 times a
+power of two is a bfloat16), and multiplied in bfloat16. ``weight_grad`` takes its FP8 operands
+from ``quantize.quantize_segments`` (blocks of rows that start at each expert's first row).
 """
 
 import torch
@@ -26,14 +28,15 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward
+from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward, load_operand_rows
 from .align import max_tiles, tile_starts
-from .quantize import Quantized, scale_of, to_e4m3
+from .quantize import Quantized, quantize_segments
 
 NO_ACT = -1
 # FP8 modes: no scales; one scale per row of A and column of B, applied after the K loop; one per
-# K block (BLOCK_K) of each row and column, applied to each block's product
-NO_FP8, PER_ROW, PER_K_BLOCK = 0, 1, 2
+# K block (BLOCK_K) of each row and column, applied to each block's product; power-of-two scales
+# per SCALE_K elements, applied to the tiles before a bfloat16 product
+NO_FP8, PER_ROW, PER_K_BLOCK, DEQUANTIZE = 0, 1, 2, 3
 
 
 @triton.jit
@@ -73,6 +76,14 @@ def _scaled_dot(a, b, acc, a_scale, b_scale, FP8: tl.constexpr, DOT_F32: tl.cons
 
 
 @triton.jit
+def _dequantized(x, scale_ptrs, mask, FP8: tl.constexpr):
+    """``x``, or in DEQUANTIZE mode ``x * scale`` in bfloat16 (exact: the scales are powers of two)."""
+    if FP8 == 3:  # DEQUANTIZE
+        x = (x.to(tl.float32) * tl.load(scale_ptrs, mask=mask, other=0.0)).to(tl.bfloat16)
+    return x
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr, a_rows_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, tiles_ptr, offsets_ptr, a_scale_ptr, b_scale_ptr,
     N_OUT, K, E,
@@ -81,7 +92,7 @@ def _gemm_kernel(
     alpha, limit,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
     INTERLEAVED: tl.constexpr, STORE_H: tl.constexpr, FP8: tl.constexpr, B_SCALE_ROWS: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    SCALE_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -104,10 +115,10 @@ def _gemm_kernel(
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(
-                a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
-                mask=row_ok[:, None] & (ks < K)[None, :], other=0.0,
-            )
+            k_blocks = ks // SCALE_K
+            a_mask = row_ok[:, None] & (ks < K)[None, :]
+            a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+            a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, a_mask, FP8)
             if FP8 == 2:  # PER_K_BLOCK
                 a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
                 gate_scale = tl.load(gate_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
@@ -116,9 +127,11 @@ def _gemm_kernel(
                 a_scale, gate_scale, up_scale = 1.0, 1.0, 1.0
             b_mask = (ks < K)[:, None] & col_ok[None, :]
             b = tl.load(b_base + ks[:, None] * stride_bk + gate_cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+            b = _dequantized(b, gate_scales[None, :] + k_blocks[:, None] * stride_sbk, b_mask, FP8)
             acc = _scaled_dot(a, b, acc, a_scale, gate_scale, FP8, DOT_F32, IEEE)
             if GATED:
                 b = tl.load(b_base + ks[:, None] * stride_bk + up_cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+                b = _dequantized(b, up_scales[None, :] + k_blocks[:, None] * stride_sbk, b_mask, FP8)
                 acc_up = _scaled_dot(a, b, acc_up, a_scale, up_scale, FP8, DOT_F32, IEEE)
         if FP8 == 1:  # PER_ROW
             a_scale = tl.load(a_scales, mask=row_ok, other=0.0)[:, None]
@@ -154,7 +167,7 @@ def _gemm_act_backward_kernel(
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, stride_gm, stride_gn,
     stride_pm, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, alpha, limit,
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, FP8: tl.constexpr,
-    B_SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    B_SCALE_ROWS: tl.constexpr, SCALE_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -170,14 +183,13 @@ def _gemm_act_backward_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(
-                a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
-                mask=row_ok[:, None] & (ks < K)[None, :], other=0.0,
-            )
-            b = tl.load(
-                b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                mask=(ks < K)[:, None] & col_ok[None, :], other=0.0,
-            )
+            k_blocks = ks // SCALE_K
+            a_mask = row_ok[:, None] & (ks < K)[None, :]
+            a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+            a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, a_mask, FP8)
+            b_mask = (ks < K)[:, None] & col_ok[None, :]
+            b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+            b = _dequantized(b, b_scales[None, :] + k_blocks[:, None] * stride_sbk, b_mask, FP8)
             if FP8 == 2:  # PER_K_BLOCK
                 a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
                 b_scale = tl.load(b_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
@@ -209,13 +221,13 @@ def _gemm_act_backward_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, scale_ptr, out_ptr, bias_grad_ptr, offsets_ptr,
-    KD, ND,
+    a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, scale_ptr, out_ptr, bias_grad_ptr, offsets_ptr, a_scale_ptr, b_scale_ptr,
+    tiles_ptr, KD, ND,
     stride_am, stride_ak, stride_bm, stride_bn, stride_oe, stride_ok, stride_on, stride_bge,
-    alpha, limit,
+    stride_sam, stride_sak, stride_sbm, stride_sbn, alpha, limit,
     A_GATHER: tl.constexpr, A_ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
     B_GATHER: tl.constexpr, B_SCALE: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    FP8: tl.constexpr, POW2: tl.constexpr, ROUND_FIRST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    FP8: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     expert = tl.program_id(0)
@@ -227,59 +239,38 @@ def _weight_grad_kernel(
     end = tl.load(offsets_ptr + expert)
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     column_sums = tl.zeros((BLOCK_N,), tl.float32)
-    # FP8 PER_ROW scales each column by its maximum over the whole segment: a first pass finds it
-    amax_a = tl.zeros((BLOCK_K,), tl.float32)
-    amax_b = tl.zeros((BLOCK_N,), tl.float32)
-    for scan in tl.static_range(2 if FP8 == 1 else 1):
-        if scan == 1:
-            scale_a = scale_of(amax_a, POW2)
-            scale_b = scale_of(amax_b, POW2)
-        for r0 in range(begin, end, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0) if A_GATHER else rows
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            a_base = a_ptr + a_rows[:, None].to(tl.int64) * stride_am
-            if A_ACT >= 0:  # A is the activation of H: recompute it, it was never kept
-                if GATED:
-                    gate_cols = 2 * ks if INTERLEAVED else ks
-                    up_cols = 2 * ks + 1 if INTERLEAVED else ks + KD
-                    gate = tl.load(a_base + gate_cols[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
-                    up = tl.load(a_base + up_cols[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
-                    a = gated_forward(gate, up, A_ACT, alpha, limit)
-                else:
-                    a = act_forward(tl.load(a_base + ks[None, :] * stride_ak, mask=a_mask, other=0.0).to(tl.float32), A_ACT)
-                a = tl.where(a_mask, a, 0.0).to(b_ptr.dtype.element_ty)
-            else:
-                a = tl.load(a_base + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
-            b_rows = tl.load(b_rows_ptr + rows, mask=row_ok, other=0) if B_GATHER else rows
-            b = tl.load(
-                b_ptr + b_rows[:, None].to(tl.int64) * stride_bm + ns[None, :] * stride_bn,
-                mask=row_ok[:, None] & n_ok[None, :], other=0.0,
-            )
+    for r0 in range(begin, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        b_mask = row_ok[:, None] & n_ok[None, :]
+        if FP8 == 0:
+            a = load_operand_rows(a_ptr, a_rows_ptr, rows, row_ok, ks, k_ok, KD, stride_am, stride_ak, alpha, limit,
+                                  A_GATHER, A_ACT, GATED, INTERLEAVED).to(b_ptr.dtype.element_ty)
+            b = load_operand_rows(b_ptr, b_rows_ptr, rows, row_ok, ns, n_ok, ND, stride_bm, stride_bn, alpha, limit,
+                                  B_GATHER, -1, False, False)
             if B_SCALE:
-                b = (b.to(tl.float32) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None])
-                b = b.to(b_ptr.dtype.element_ty)
-            if FP8 == 1 and scan == 0:
-                amax_a = tl.maximum(amax_a, tl.max(tl.abs(a.to(tl.float32)), axis=0))
-                amax_b = tl.maximum(amax_b, tl.max(tl.abs(b.to(tl.float32)), axis=0))
+                b *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            b = b.to(b_ptr.dtype.element_ty)
+            if BIAS_GRAD:
+                column_sums += tl.sum(b.to(tl.float32), axis=0)
+            acc = _dot(tl.trans(a), b, acc, DOT_F32, IEEE)
+        else:  # quantize_segments' operands: blocks of SCALE_ROWS rows from the segment's first row
+            a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+            b = tl.load(b_ptr + rows[:, None] * stride_bm + ns[None, :] * stride_bn, mask=b_mask, other=0.0)
+            blocks = tl.load(tiles_ptr + expert) + (rows - begin) // SCALE_ROWS
+            a = _dequantized(a, a_scale_ptr + blocks[:, None] * stride_sam + ks[None, :] * stride_sak, a_mask, FP8)
+            b = _dequantized(b, b_scale_ptr + blocks[:, None] * stride_sbm + ns[None, :] * stride_sbn, b_mask, FP8)
+            if FP8 == 2:  # PER_K_BLOCK: BLOCK_M is the scale block
+                block = tl.load(tiles_ptr + expert) + (r0 - begin) // BLOCK_M
+                a_scale = tl.load(a_scale_ptr + block * stride_sam + ks * stride_sak, mask=k_ok, other=0.0)
+                b_scale = tl.load(b_scale_ptr + block * stride_sbm + ns * stride_sbn, mask=n_ok, other=0.0)
             else:
-                if BIAS_GRAD:
-                    column_sums += tl.sum(b.to(tl.float32), axis=0)
-                if FP8 == 2:  # PER_K_BLOCK: this block of BLOCK_M rows, started at the segment's first row
-                    scale_a = scale_of(tl.max(tl.abs(a.to(tl.float32)), axis=0), POW2)
-                    scale_b = scale_of(tl.max(tl.abs(b.to(tl.float32)), axis=0), POW2)
-                    a = to_e4m3(a, scale_a[None, :], ROUND_FIRST)
-                    b = to_e4m3(b, scale_b[None, :], ROUND_FIRST)
-                    acc += _dot(tl.trans(a), b, tl.zeros(acc.shape, tl.float32), DOT_F32, IEEE) * (
-                        scale_a[:, None] * scale_b[None, :])
-                elif FP8 == 1:
-                    acc = _dot(tl.trans(to_e4m3(a, scale_a[None, :], ROUND_FIRST)),
-                               to_e4m3(b, scale_b[None, :], ROUND_FIRST), acc, DOT_F32, IEEE)
-                else:
-                    acc = _dot(tl.trans(a), b, acc, DOT_F32, IEEE)
-    if FP8 == 1:
-        acc *= scale_a[:, None] * scale_b[None, :]
+                a_scale, b_scale = 1.0, 1.0
+            acc = _scaled_dot(tl.trans(a), b, acc, a_scale, b_scale, FP8, DOT_F32, IEEE)
+    if FP8 == 1:  # PER_ROW: one scale per column of each segment
+        acc *= (tl.load(a_scale_ptr + expert * stride_sam + ks * stride_sak, mask=k_ok, other=0.0)[:, None]
+                * tl.load(b_scale_ptr + expert * stride_sbm + ns * stride_sbn, mask=n_ok, other=0.0)[None, :])
     out = out_ptr + expert.to(tl.int64) * stride_oe + ks[:, None] * stride_ok + ns[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
     if BIAS_GRAD:
@@ -324,16 +315,26 @@ def _act_code(activation) -> int:
     return NO_ACT if activation is None else CODES[activation.function]
 
 
+def _fp8_mode(a, b, reduced_block: int) -> int:
+    """The FP8 mode of operands ``a`` and ``b`` blocked by ``reduced_block`` along the reduced dim."""
+    if not isinstance(a, Quantized):
+        return NO_FP8
+    torch._check(isinstance(b, Quantized) and a.power_of_two == b.power_of_two,
+                 lambda: "FP8 operands need the same recipe")
+    return PER_ROW if reduced_block == 0 else DEQUANTIZE if a.power_of_two else PER_K_BLOCK
+
+
 def _operands(a, b):
     """(a's values, b's values, FP8 kernel arguments, the BLOCK_K the scales fix) for plain or
     ``Quantized`` operands; the arguments: scale pointers, their strides, the FP8 constexprs."""
     if not isinstance(a, Quantized):
-        return a, b, dict(pointers=(a, b), strides=(0,) * 5, FP8=NO_FP8, B_SCALE_ROWS=1), None
+        return a, b, dict(pointers=(a, b), strides=(0,) * 5, FP8=NO_FP8, B_SCALE_ROWS=1, SCALE_K=1), None
     torch._check(isinstance(b, Quantized) and a.block[1] == b.block[1], lambda: "FP8 operands need the same K blocks")
     block_k = a.block[1]
+    mode = _fp8_mode(a, b, block_k)
     arguments = dict(pointers=(a.scales, b.scales), strides=(*a.scales.stride(), *b.scales.stride()),
-                     FP8=PER_K_BLOCK if block_k else PER_ROW, B_SCALE_ROWS=b.block[0])
-    return a.values, b.values, arguments, block_k or None
+                     FP8=mode, B_SCALE_ROWS=b.block[0], SCALE_K=max(block_k, 1))
+    return a.values, b.values, arguments, block_k if mode == PER_K_BLOCK else None
 
 
 def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=False, out_dtype=None):
@@ -352,7 +353,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     dtype = out_dtype or a.dtype
     c = a.new_empty(num_rows, n_out, dtype=dtype)
     h = a.new_empty(num_rows, n, dtype=dtype) if store_h else c
-    config = _config(n_out, k, fp8["FP8"] != NO_FP8, block_k, forward=True, gated=gated)
+    config = _config(n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k, forward=True, gated=gated)
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
     _gemm_kernel[grid](
@@ -363,7 +364,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
         activation.alpha if activation is not None else 0.0, activation.limit if activation is not None else 0.0,
         GATHER=a_rows is not None, HAS_BIAS=bias is not None, ACT=_act_code(activation), GATED=gated,
         INTERLEAVED=gated and activation.interleaved, STORE_H=store_h, FP8=fp8["FP8"],
-        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
+        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], SCALE_K=fp8["SCALE_K"], BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
     return c, (h if store_h else None)
 
@@ -375,7 +376,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     a, b, fp8, block_k = _operands(a, b)
     num_rows = a_rows.shape[0]
     num_experts, k, n_out = b.shape
-    config = _config(n_out, k, fp8["FP8"] != NO_FP8, block_k)
+    config = _config(n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k)
     col_tiles = triton.cdiv(n_out, config["BLOCK_N"])
     grad_h = torch.empty_like(h)
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
@@ -387,7 +388,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), h.stride(0), h.stride(1),
         grad_h.stride(0), grad_h.stride(1), partial.stride(0), *fp8["strides"], activation.alpha, activation.limit,
         ACT=_act_code(activation), GATED=activation.gated, INTERLEAVED=activation.interleaved, FP8=fp8["FP8"],
-        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
+        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], SCALE_K=fp8["SCALE_K"], BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
     return grad_h, partial
 
@@ -398,24 +399,35 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
 
     A' is ``a[a_rows]``, or the activation of ``a`` (the pre-activation H, ``[M, 2K]`` if gated);
     B' is ``b[b_rows] * scale``. ``bias_grad`` ``[E, N]``, if given, receives B's column sums.
-    With ``fp8_rows`` (0: each expert's whole segment) A' and B' are quantized to e4m3 in blocks of
-    that many rows x 1 column, starting at each expert's first row (``power_of_two``: MX scales).
+    With ``fp8_rows`` (0: each expert's whole segment) A' and B' are first quantized to e4m3 in
+    blocks of that many rows x 1 column, starting at each expert's first row
+    (``quantize.quantize_segments``, one pass over each; ``power_of_two``: MX scales).
     """
     num_experts, kd, nd = out.shape
-    fp8 = NO_FP8 if fp8_rows is None else PER_K_BLOCK if fp8_rows else PER_ROW
-    config = _config(nd, kd, fp8 != NO_FP8, block_m=fp8_rows)
+    if fp8_rows is not None:
+        segments = dict(block_rows=fp8_rows, power_of_two=power_of_two)
+        a = quantize_segments(a, offsets, rows=a_rows, activation=a_activation, **segments)
+        b = quantize_segments(b, offsets, rows=b_rows, row_scale=scale, column_sums=bias_grad, **segments)
+        a_rows = a_activation = b_rows = scale = bias_grad = None
+    fp8 = _fp8_mode(a, b, fp8_rows)
+    config = _config(nd, kd, fp8 in (PER_ROW, PER_K_BLOCK), block_m=fp8_rows if fp8 == PER_K_BLOCK else None)
+    if fp8 == NO_FP8:
+        scale_arguments = (a, b, offsets, 0, 0, 0, 0)
+    else:
+        tiles = offsets if fp8 == PER_ROW else tile_starts(offsets, fp8_rows)  # PER_ROW: scales by expert
+        scale_arguments = (a.scales, b.scales, tiles, *a.scales.stride(), *b.scales.stride())
+        a, b = a.values, b.values
     grid = (num_experts, triton.cdiv(kd, config["BLOCK_K"]), triton.cdiv(nd, config["BLOCK_N"]))
     gated = a_activation is not None and a_activation.gated
     _weight_grad_kernel[grid](
         a, a_rows if a_rows is not None else offsets, b, b_rows if b_rows is not None else offsets,
         scale if scale is not None else b, out, bias_grad if bias_grad is not None else out, offsets,
-        kd, nd,
+        *scale_arguments[:3], kd, nd,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        bias_grad.stride(0) if bias_grad is not None else 0,
+        bias_grad.stride(0) if bias_grad is not None else 0, *scale_arguments[3:],
         a_activation.alpha if a_activation is not None else 0.0, a_activation.limit if a_activation is not None else 0.0,
         A_GATHER=a_rows is not None, A_ACT=_act_code(a_activation), GATED=gated,
         INTERLEAVED=gated and a_activation.interleaved, B_GATHER=b_rows is not None, B_SCALE=scale is not None,
-        BIAS_GRAD=bias_grad is not None, FP8=fp8, POW2=power_of_two, ROUND_FIRST=interpreting() and fp8 != NO_FP8,
-        **_flags(torch.float8_e4m3fn if fp8 != NO_FP8 else b.dtype), **config,
+        BIAS_GRAD=bias_grad is not None, FP8=fp8, SCALE_ROWS=max(fp8_rows or 0, 1), **_flags(a.dtype), **config,
     )
     return out

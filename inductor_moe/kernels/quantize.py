@@ -3,8 +3,8 @@
 power of two read from amax's exponent bits for MX).
 
 One program per block: a first sweep over its columns takes the absolute maximum, a second
-scales, saturates and rounds (to nearest even) into e4m3. ``scale_of`` and ``to_e4m3`` also serve
-the grouped GEMMs that quantize their tiles themselves (weight gradients).
+scales, saturates and rounds (to nearest even) into e4m3. ``quantize_segments`` quantizes a weight
+gradient's operands: rows sorted by expert, blocked along the rows within each expert's segment.
 """
 
 from typing import NamedTuple
@@ -14,15 +14,20 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .activations import CODES, load_operand_rows
+from .align import max_tiles, tile_starts
 
 
 class Quantized(NamedTuple):
     """An FP8 GEMM operand: e4m3 ``values`` with a float32 scale per block of ``block`` (rows,
-    cols) elements along its last two dims; ``scales`` ``[..., ceil(rows / r), ceil(cols / c)]``."""
+    cols) elements along its last two dims; ``scales`` ``[..., ceil(rows / r), ceil(cols / c)]``
+    (``quantize_segments``: per expert segment, see there). ``power_of_two``: MX scales, so
+    ``values * scale`` is exact in bfloat16."""
 
     values: torch.Tensor
     scales: torch.Tensor
     block: tuple[int, int]
+    power_of_two: bool = False
 
 
 @triton.jit
@@ -116,12 +121,96 @@ def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bo
     )
     if x.dim() == 2:
         q, scales = q[0], scales[0]
-    return Quantized(q, scales, (block_rows, block_cols))
+    return Quantized(q, scales, (block_rows, block_cols), power_of_two)
 
 
 def quantize_weight(b: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bool = False) -> Quantized:
     """A grouped GEMM's B operand ``[E, K, N]`` (any strides) in blocks of ``block_rows`` of N x
     ``block_cols`` of K: values stored ``[E, N, K]``, K contiguous as FP8 tensor cores read B,
     and returned as the ``[E, K, N]`` view; scales ``[E, ceil(N / rows), ceil(K / cols)]``."""
-    values, scales, block = quantize(b.transpose(1, 2), block_rows, block_cols, power_of_two)
-    return Quantized(values.transpose(1, 2), scales, block)
+    q = quantize(b.transpose(1, 2), block_rows, block_cols, power_of_two)
+    return q._replace(values=q.values.transpose(1, 2))
+
+
+@triton.jit
+def _quantize_segments_kernel(
+    x_ptr, rows_ptr, row_scale_ptr, q_ptr, scale_ptr, sums_ptr, tiles_ptr, offsets_ptr, N,
+    stride_xm, stride_xn, stride_qm, stride_qn, stride_sm, stride_sn, stride_ue, alpha, limit,
+    GATHER: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ROW_SCALE: tl.constexpr, COLUMN_SUMS: tl.constexpr, WHOLE_SEGMENT: tl.constexpr, POW2: tl.constexpr,
+    ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_N columns of one expert's rows, in blocks of BLOCK_M rows (or the whole
+    segment: a first pass finds each column's maximum)."""
+    expert = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(offsets_ptr + expert)
+    amax = tl.zeros((BLOCK_N,), tl.float32)
+    sums = tl.zeros((BLOCK_N,), tl.float32)
+    for scan in tl.static_range(2 if WHOLE_SEGMENT else 1):
+        if scan == 1:
+            scale = scale_of(amax, POW2)
+        for r0 in range(begin, end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            x = load_operand_rows(x_ptr, rows_ptr, rows, row_ok, cols, col_ok, N, stride_xm, stride_xn, alpha, limit,
+                                  GATHER, ACT, GATED, INTERLEAVED)
+            if ROW_SCALE:
+                x *= tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)  # the operand as the unquantized GEMM takes it
+            if COLUMN_SUMS and scan == 0:
+                sums += tl.sum(x, axis=0)
+            if WHOLE_SEGMENT and scan == 0:
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+            else:
+                if not WHOLE_SEGMENT:
+                    scale = scale_of(tl.max(tl.abs(x), axis=0), POW2)
+                    block = tl.load(tiles_ptr + expert) + (r0 - begin) // BLOCK_M
+                    tl.store(scale_ptr + block * stride_sm + cols * stride_sn, scale, mask=col_ok)
+                q = to_e4m3(x, scale[None, :], ROUND_FIRST)
+                tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, q,
+                         mask=row_ok[:, None] & col_ok[None, :])
+    if WHOLE_SEGMENT:
+        tl.store(scale_ptr + expert * stride_sm + cols * stride_sn, scale, mask=col_ok)
+    if COLUMN_SUMS:
+        tl.store(sums_ptr + expert * stride_ue + cols, sums.to(sums_ptr.dtype.element_ty), mask=col_ok)
+
+
+def quantize_segments(x, offsets, block_rows: int, *, rows=None, activation=None, row_scale=None, column_sums=None,
+                      power_of_two: bool = False) -> Quantized:
+    """A weight gradient's operand ``x'`` ``[M, N]`` (rows sorted by expert, ``offsets`` their
+    ends) in blocks of ``block_rows`` rows x 1 column that start at each expert's first row (0:
+    the whole segment), so that no block spans two experts.
+
+    ``x'`` is ``x[rows]`` (None: row r), or the activation of ``x`` (the pre-activation H,
+    ``[M, 2N]`` if gated), times ``row_scale[r]`` if given, in x's dtype. ``column_sums`` ``[E, N]``,
+    if given, receives each expert's column sums of ``x'`` (a bias gradient). Values are stored
+    ``[N, M]``, the rows contiguous as FP8 tensor cores read a reduced dimension, and returned as
+    the ``[M, N]`` view; scales ``[S, N]``: expert e's i-th block is row ``tile_starts(offsets,
+    block_rows)[e] + i`` (whole segments: row e).
+    """
+    num_rows = x.shape[0] if rows is None else rows.shape[0]
+    gated = activation is not None and activation.gated
+    n = x.shape[1] // 2 if gated else x.shape[1]
+    num_experts = offsets.shape[0]
+    whole = block_rows == 0
+    q = torch.empty(n, num_rows, dtype=torch.float8_e4m3fn, device=x.device).t()
+    scales = torch.empty(num_experts if whole else max_tiles(num_rows, num_experts, block_rows), n,
+                         dtype=torch.float32, device=x.device)
+    tiles = offsets if whole else tile_starts(offsets, block_rows)  # unread for whole segments
+    block_m = block_rows or (16 if interpreting() else 64)
+    block_n = 16 if interpreting() else 128
+    _quantize_segments_kernel[(num_experts, triton.cdiv(n, block_n))](
+        x, rows if rows is not None else offsets, row_scale if row_scale is not None else x, q, scales,
+        column_sums if column_sums is not None else scales, tiles, offsets, n,
+        x.stride(0), x.stride(1), q.stride(0), q.stride(1), scales.stride(0), scales.stride(1),
+        column_sums.stride(0) if column_sums is not None else 0,
+        activation.alpha if activation is not None else 0.0, activation.limit if activation is not None else 0.0,
+        GATHER=rows is not None, ACT=-1 if activation is None else CODES[activation.function], GATED=gated,
+        INTERLEAVED=gated and activation.interleaved, ROW_SCALE=row_scale is not None,
+        COLUMN_SUMS=column_sums is not None, WHOLE_SEGMENT=whole, POW2=power_of_two, ROUND_FIRST=interpreting(),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return Quantized(q, scales, (block_rows, 1), power_of_two)
