@@ -1,5 +1,5 @@
-"""Tile-config sweep for the grouped GEMM (GPU): the up projection with fused gather and SwiGLU,
-and the down projection, in bf16, FP8 blockwise and MXFP8 (tiles dequantized to bf16 in the
+"""Tile-config sweep for the grouped GEMM (GPU): the up projection with fused gather and SwiGLU
+(storing H, as the experts op does), and the down projection, in bf16, FP8 blockwise and MXFP8 (tiles dequantized to bf16 in the
 kernel, so bf16's configs are its candidates), at two SonicMoE shapes. Prints each
 config's median and TFLOP/s; the best ones go into kernels/grouped_gemm.py's ``_config``.
 
@@ -20,8 +20,10 @@ SHAPES = [(32768, 4096, 1024, 64, 4), (24576, 1536, 256, 128, 8)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 BF16 = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
         (128, 128, 32, 4, 4), (128, 64, 64, 4, 4)]
+# blockwise keeps each K block's product beside the accumulators (two of each when gated): the
+# candidates with 8 warps and 64-row tiles hold them in registers
 FP8 = [(128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
-       (64, 256, 128, 8, 3)]
+       (64, 256, 128, 8, 3), (64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (128, 64, 128, 8, 3)]
 
 
 def main() -> None:
@@ -50,8 +52,9 @@ def main() -> None:
                 config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 grouped_gemm._config = lambda *_, config=config, **__: dict(config)
                 for name, fn, flops in (
-                    ("up + SwiGLU", lambda: grouped_gemm.gemm(x_op, w1_op, offsets, a_rows=token_of_row,
-                                                              activation=Activation("swiglu"), out_dtype=torch.bfloat16),
+                    ("up + SwiGLU, H stored", lambda: grouped_gemm.gemm(
+                        x_op, w1_op, offsets, a_rows=token_of_row, activation=Activation("swiglu"), store_h=True,
+                        out_dtype=torch.bfloat16),
                      2 * tokens * k * d * 2 * n),
                     ("down", lambda: grouped_gemm.gemm(a_op, w2_op, offsets, out_dtype=torch.bfloat16),
                      2 * tokens * k * d * n),
@@ -63,7 +66,7 @@ def main() -> None:
                         continue
                     rows.append({"shape": [tokens, d, n, experts, k], "precision": precision, "gemm": name,
                                  "config": config, "median_ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
-                    print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:12} {bm:4} {bn:4} {bk:4} "
+                    print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:22} {bm:4} {bn:4} {bk:4} "
                           f"{warps:2} {stages:2} {ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s", flush=True)
             grouped_gemm._config = original
     if args.json:
