@@ -70,7 +70,8 @@ def compile_all() -> None:
         w1 = torch.randn(experts, 2 * inner, hidden, dtype=dtype).transpose(1, 2)
         w1_q = quantize.quantize_weight(w1, w_rows, w_cols, power_of_two)
         _, h = grouped_gemm.gemm(quantize.quantize(x, a_rows, a_cols, power_of_two), w1_q, offsets, a_rows=rows,
-                                 activation=act, store_h=True, out_dtype=dtype)
+                                 activation=act, store_h=True, out_dtype=dtype,
+                                 fp8_out=(a_cols, power_of_two) if a_cols else None)
         w2_t = quantize.quantize_weight(torch.randn(experts, hidden, inner, dtype=dtype), w_rows, w_cols, power_of_two)
         grouped_gemm.gemm_act_backward(quantize.quantize(x, a_rows, a_cols, power_of_two), rows, w2_t, offsets, h,
                                        torch.ones(tokens * k), act)

@@ -237,6 +237,32 @@ def test_segment_quantizer_is_bit_exact(recipe, prologue):
     torch.testing.assert_close(sums / column_scale, segment_sums / column_scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recipe", ["blockwise", "mxfp8"])
+def test_gemm_epilogue_quantizes_like_the_quantizer(recipe, dtype):
+    """The up projection's epilogue quantizes its activated output in the recipe's 1 x 128 / 1 x 32
+    blocks: bit for bit what the quantizer makes of the output it would have written (a last
+    partial block, rows of an idle expert's neighbours, gathered rows)."""
+    from inductor_moe.kernels import align, grouped_gemm
+    from inductor_moe.kernels import quantize as kernel
+
+    tokens, k, experts, hidden, inner = 21, 2, 4, 40, 200
+    ids = torch.stack([torch.randperm(experts - 1)[:k] for _ in range(tokens)]).to(DEVICE)  # expert 3 idle
+    _, _, token_of_row, offsets = align.align(ids, experts)
+    x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
+    w1 = torch.randn(experts, hidden, 2 * inner, dtype=dtype, device=DEVICE) * hidden**-0.5
+    (rows, cols), _ = fp8.RECIPES[recipe]
+    power_of_two = recipe == "mxfp8"
+    operands = kernel.quantize(x, rows, cols, power_of_two), kernel.quantize_weight(w1, 1, cols, power_of_two)
+    run = lambda **options: grouped_gemm.gemm(*operands, offsets, a_rows=token_of_row, activation=Activation("swiglu"),
+                                              out_dtype=dtype, **options)[0]
+    fused = run(fp8_out=(cols, power_of_two))
+    expected = kernel.quantize(run(), rows, cols, power_of_two)
+    assert fused.block == expected.block and fused.power_of_two == expected.power_of_two
+    assert torch.equal(fused.scales, expected.scales)
+    assert torch.equal(fused.values.view(torch.uint8), expected.values.view(torch.uint8))
+
+
 def kernel_and_emulation(recipe, operands, **options):
     """The experts op's output and gradients on the Triton kernels (the interpreter without a
     GPU), and on the recipe's torch emulation, from the same float32 operands."""

@@ -30,7 +30,7 @@ import triton.language as tl
 from . import interpreting
 from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward, load_operand_rows
 from .align import max_tiles, tile_starts
-from .quantize import Quantized, quantize_segments
+from .quantize import Quantized, quantize_segments, scale_of, to_e4m3
 
 NO_ACT = -1
 # FP8 modes: no scales; one scale per row of A and column of B, applied after the K loop; one per
@@ -86,13 +86,14 @@ def _dequantized(x, scale_ptrs, mask, FP8: tl.constexpr):
 @triton.jit
 def _gemm_kernel(
     a_ptr, a_rows_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, tiles_ptr, offsets_ptr, a_scale_ptr, b_scale_ptr,
-    N_OUT, K, E,
+    c_scale_ptr, N_OUT, K, E,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_hm, stride_hn, stride_bias_e, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
-    alpha, limit,
+    stride_scm, stride_sck, alpha, limit,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
     INTERLEAVED: tl.constexpr, STORE_H: tl.constexpr, FP8: tl.constexpr, B_SCALE_ROWS: tl.constexpr,
-    SCALE_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    SCALE_K: tl.constexpr, C_BLOCK: tl.constexpr, C_POW2: tl.constexpr, C_ROUND: tl.constexpr,
+    ROUND_FIRST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
@@ -156,6 +157,14 @@ def _gemm_kernel(
         else:
             out = acc
         c = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+        if C_BLOCK > 0:  # C in e4m3, 1 x C_BLOCK blocks of this tile's columns: the next GEMM's A
+            out = tl.where(mask, out.to(C_ROUND).to(tl.float32), 0.0)  # the values the unfused path quantizes
+            blocks = tl.reshape(out, (BLOCK_M, BLOCK_N // C_BLOCK, C_BLOCK))
+            c_scale = scale_of(tl.max(tl.abs(blocks), axis=2), C_POW2)
+            out = tl.reshape(to_e4m3(blocks, c_scale[:, :, None], ROUND_FIRST), (BLOCK_M, BLOCK_N))
+            scale_cols = tl.program_id(1) * (BLOCK_N // C_BLOCK) + tl.arange(0, BLOCK_N // C_BLOCK)
+            tl.store(c_scale_ptr + rows[:, None].to(tl.int64) * stride_scm + scale_cols[None, :] * stride_sck, c_scale,
+                     mask=row_ok[:, None] & (scale_cols * C_BLOCK < N_OUT)[None, :])
         tl.store(c, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -306,6 +315,10 @@ def _config(n: int, k: int, fp8: bool = False, block_k: int | None = None, block
     return config
 
 
+_TRITON_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                  torch.float16: tl.float16}
+
+
 def _flags(dtype: torch.dtype) -> dict:
     # Triton's interpreter multiplies bf16 wrongly; float32 holds e4m3 products exactly
     return dict(DOT_F32=interpreting() and dtype in (torch.bfloat16, torch.float8_e4m3fn), IEEE=dtype == torch.float32)
@@ -337,13 +350,16 @@ def _operands(a, b):
     return a.values, b.values, arguments, block_k if mode == PER_K_BLOCK else None
 
 
-def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=False, out_dtype=None):
+def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=False, out_dtype=None, fp8_out=None):
     """``act(a[a_rows] @ b[e] + bias[e])`` for the expert-sorted rows: (C, H or None).
 
     a ``[M_a, K]``; ``a_rows`` ``[M]`` int32 picks a's row for each sorted row (None: row r);
     b ``[E, K, N]`` by strides; offsets ``[E]`` int32 ends. A gated activation reads N as gate and
     up and writes N / 2 columns; ``store_h`` also returns the pre-activation ``[M, N]``. a and b
-    may both be ``Quantized`` (FP8; out_dtype then names the output's dtype).
+    may both be ``Quantized`` (FP8; out_dtype then names the output's dtype). ``fp8_out`` (block
+    columns, power-of-two scales): C rounded to out_dtype, then quantized in the epilogue in 1 x
+    block blocks, as ``quantize.quantize`` would (tiles hold whole blocks), and returned
+    ``Quantized``: the next GEMM's operand without a pass over it.
     """
     a, b, fp8, block_k = _operands(a, b)
     num_rows = a.shape[0] if a_rows is None else a_rows.shape[0]
@@ -351,21 +367,28 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     gated = activation is not None and activation.gated
     n_out = n // 2 if gated else n
     dtype = out_dtype or a.dtype
-    c = a.new_empty(num_rows, n_out, dtype=dtype)
+    c_block, c_pow2 = fp8_out or (0, False)
+    c = a.new_empty(num_rows, n_out, dtype=torch.float8_e4m3fn if fp8_out else dtype)
+    c_scales = a.new_empty(num_rows, triton.cdiv(n_out, c_block), dtype=torch.float32) if fp8_out else c
     h = a.new_empty(num_rows, n, dtype=dtype) if store_h else c
     config = _config(n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k, forward=True, gated=gated)
+    config["BLOCK_N"] = max(config["BLOCK_N"], c_block)  # powers of two: a multiple of the block
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
     _gemm_kernel[grid](
         a, a_rows if a_rows is not None else offsets, b, c, h, bias if bias is not None else b, tiles, offsets,
-        *fp8["pointers"], n_out, k, num_experts,
+        *fp8["pointers"], c_scales, n_out, k, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        h.stride(0), h.stride(1), bias.stride(0) if bias is not None else 0, *fp8["strides"],
+        h.stride(0), h.stride(1), bias.stride(0) if bias is not None else 0, *fp8["strides"], *c_scales.stride(),
         activation.alpha if activation is not None else 0.0, activation.limit if activation is not None else 0.0,
         GATHER=a_rows is not None, HAS_BIAS=bias is not None, ACT=_act_code(activation), GATED=gated,
         INTERLEAVED=gated and activation.interleaved, STORE_H=store_h, FP8=fp8["FP8"],
-        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], SCALE_K=fp8["SCALE_K"], BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
+        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], SCALE_K=fp8["SCALE_K"], C_BLOCK=c_block, C_POW2=c_pow2,
+        C_ROUND=_TRITON_DTYPES[dtype], ROUND_FIRST=interpreting() and c_block > 0,
+        BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
+    if fp8_out:
+        c = Quantized(c, c_scales, (1, c_block), c_pow2)
     return c, (h if store_h else None)
 
 

@@ -25,6 +25,14 @@ def _activation(x: torch.Tensor, recipe: str | None):
     return quantize.quantize(x, rows, cols, recipe == "mxfp8")
 
 
+def _epilogue_blocks(recipe: str | None):
+    """(block columns, power of two) of the recipe's activation blocks when the GEMM that
+    produces the activation can quantize it in its epilogue: tile-local 1 x 128 / 1 x 32 blocks.
+    None for rowwise, whose scale needs the whole row (quantized by a pass of its own)."""
+    cols = fp8.RECIPES[recipe][0][1] if recipe is not None else 0
+    return (cols, recipe == "mxfp8") if cols else None
+
+
 def _weight(b: torch.Tensor, recipe: str | None):
     """A GEMM's B operand ``[E, K, N]`` as the kernels take it: b, or b quantized in the recipe's
     weight blocks, cached until the weight changes (its version counter moves)."""
@@ -55,9 +63,11 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe
     num_tokens, k = ids.shape
     order, inverse, token_of_row, offsets = align.align(ids, w1.shape[0])
     # FP8: x is quantized per token, before the gather: T rows, not T * k
+    fused = _epilogue_blocks(fp8_recipe)
     a, h = grouped_gemm.gemm(_activation(x, fp8_recipe), _weight(w1, fp8_recipe), offsets, a_rows=token_of_row,
-                             bias=b1, activation=act, store_h=True, out_dtype=x.dtype)
-    y, _ = grouped_gemm.gemm(_activation(a, fp8_recipe), _weight(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
+                             bias=b1, activation=act, store_h=True, out_dtype=x.dtype, fp8_out=fused)
+    a = a if fused else _activation(a, fp8_recipe)
+    y, _ = grouped_gemm.gemm(a, _weight(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
     out = unpermute.unpermute_reduce(y, inverse, weights, num_tokens, k, out_dtype=x.dtype)
     return out, h, order.long(), offsets
 
