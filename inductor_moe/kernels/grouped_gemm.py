@@ -265,8 +265,9 @@ def _weight_grad_kernel(
                 column_sums += tl.sum(b.to(tl.float32), axis=0)
             acc = _dot(tl.trans(a), b, acc, DOT_F32, IEEE)
         else:  # quantize_segments' operands: blocks of SCALE_ROWS rows from the segment's first row
-            a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
-            b = tl.load(b_ptr + rows[:, None] * stride_bm + ns[None, :] * stride_bn, mask=b_mask, other=0.0)
+            # stored [columns, rows]: a column's offset exceeds int32 on large batches
+            a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :].to(tl.int64) * stride_ak, mask=a_mask, other=0.0)
+            b = tl.load(b_ptr + rows[:, None] * stride_bm + ns[None, :].to(tl.int64) * stride_bn, mask=b_mask, other=0.0)
             blocks = tl.load(tiles_ptr + expert) + (rows - begin) // SCALE_ROWS
             a = _dequantized(a, a_scale_ptr + blocks[:, None] * stride_sam + ks[None, :] * stride_sak, a_mask, FP8)
             b = _dequantized(b, b_scale_ptr + blocks[:, None] * stride_sbm + ns[None, :] * stride_sbn, b_mask, FP8)

@@ -78,14 +78,14 @@ def _quantize_kernel(
     start = tl.program_id(1) * block_cols
     end = tl.minimum(start + block_cols, K)
     batch = tl.program_id(2).to(tl.int64)
-    x_ptr += batch * stride_xb
-    q_ptr += batch * stride_qb
+    x_rows = x_ptr + batch * stride_xb + rows[:, None].to(tl.int64) * stride_xm
+    q_rows = q_ptr + batch * stride_qb + rows[:, None].to(tl.int64) * stride_qm
     row_ok = rows < M
     amax = tl.zeros((ROWS, CHUNK), tl.float32)
     for c in range(start, end, CHUNK):
         cols = c + tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols < end)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
     amax = tl.max(amax, axis=1)
     if SHARED:
@@ -94,9 +94,9 @@ def _quantize_kernel(
     for c in range(start, end, CHUNK):
         cols = c + tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols < end)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0)
         q = to_e4m3(x, scale if SHARED else scale[:, None], ROUND_FIRST)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qk, q, mask=mask)
+        tl.store(q_rows + cols[None, :] * stride_qk, q, mask=mask)
     scales = scale_ptr + batch * stride_sb + tl.program_id(1) * stride_sk
     if SHARED:
         tl.store(scales + tl.program_id(0) * stride_sm, scale)
@@ -170,7 +170,7 @@ def _quantize_segments_kernel(
                     block = tl.load(tiles_ptr + expert) + (r0 - begin) // BLOCK_M
                     tl.store(scale_ptr + block * stride_sm + cols * stride_sn, scale, mask=col_ok)
                 q = to_e4m3(x, scale[None, :], ROUND_FIRST)
-                tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, q,
+                tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :].to(tl.int64) * stride_qn, q,
                          mask=row_ok[:, None] & col_ok[None, :])
     if WHOLE_SEGMENT:
         tl.store(scale_ptr + expert * stride_sm + cols * stride_sn, scale, mask=col_ok)
