@@ -1,13 +1,25 @@
 """Tile-config sweep for the grouped GEMM (GPU): the up projection with fused gather and SwiGLU
-(storing H, as the experts op does), and the down projection, in bf16, FP8 blockwise and MXFP8 (tiles dequantized to bf16 in the
-kernel, so bf16's configs are its candidates), at two SonicMoE shapes. Prints each
-config's median and TFLOP/s; the best ones go into kernels/grouped_gemm.py's ``_config``.
+(storing H, as the experts op does), and the down projection, in bf16, FP8 rowwise and blockwise,
+and MXFP8 (tiles dequantized to bf16 in the kernel, so bf16's configs are its candidates), at two
+SonicMoE shapes. Prints each config's median and TFLOP/s; the best ones go into
+kernels/grouped_gemm.py's ``_config``.
+
+Without a GPU, ``--ptxas`` compiles each config for Hopper (sm_90) instead and records what ptxas
+reports: registers and spilled bytes (tests/kernel_builds.py's compile hook). On the H100 the
+configs that spilled kilobytes were the slow ones (benchmarks/results/h100_gemm_configs.json
+against sm90_ptxas_gemm_configs.json).
 
     python benchmarks/tune_gemm.py --json benchmarks/results/<device>_gemm_configs.json
+    python benchmarks/tune_gemm.py --ptxas --json benchmarks/results/sm90_ptxas_gemm_configs.json
 """
 
 import argparse
+import contextlib
+import io
 import json
+import os
+import re
+import sys
 
 import torch
 import triton
@@ -19,34 +31,78 @@ from inductor_moe.ops.activations import Activation
 SHAPES = [(32768, 4096, 1024, 64, 4), (24576, 1536, 256, 128, 8)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 BF16 = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
-        (128, 128, 32, 4, 4), (128, 64, 64, 4, 4)]
-# blockwise keeps each K block's product beside the accumulators (two of each when gated): the
-# candidates with 8 warps and 64-row tiles hold them in registers
+        (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 3)]
+# the up projection quantizes its output for the down projection, as the experts op does (its
+# BLOCK_N at least the block)
+EPILOGUE_FP8 = {"fp8 blockwise": (128, False), "mxfp8": (32, True)}
+# blockwise keeps each K block's product beside the accumulators (two of each when gated): 64-row
+# tiles with 8 warps spill the least (--ptxas)
 FP8 = [(128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
        (64, 256, 128, 8, 3), (64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (128, 64, 128, 8, 3)]
+
+
+def problem(tokens, d, n, experts, k, device):
+    """Each precision's (x, w1, a, w2) operands, and the rows' sort."""
+    x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
+    ids = torch.rand(tokens, experts, device=device).topk(k, dim=-1).indices.int()
+    w1 = (torch.randn(experts, 2 * n, d, device=device, dtype=torch.bfloat16) * d**-0.5).transpose(1, 2)
+    w2 = (torch.randn(experts, d, n, device=device, dtype=torch.bfloat16) * n**-0.5).transpose(1, 2)
+    _, _, token_of_row, offsets = align.align(ids, experts)
+    a = torch.randn(tokens * k, n, device=device, dtype=torch.bfloat16)
+    operands = {
+        "bf16": (x, w1, a, w2),
+        "fp8 rowwise": (quantize.quantize(x, 1, 0), quantize.quantize_weight(w1, 1, 0),
+                        quantize.quantize(a, 1, 0), quantize.quantize_weight(w2, 1, 0)),
+        "fp8 blockwise": (quantize.quantize(x, 1, 128), quantize.quantize_weight(w1, 128, 128),
+                          quantize.quantize(a, 1, 128), quantize.quantize_weight(w2, 128, 128)),
+        "mxfp8": (quantize.quantize(x, 1, 32, True), quantize.quantize_weight(w1, 1, 32, True),
+                  quantize.quantize(a, 1, 32, True), quantize.quantize_weight(w2, 1, 32, True)),
+    }
+    return operands, token_of_row, offsets
+
+
+def timed(fn, flops: int) -> dict:
+    ms = triton.testing.do_bench(fn, return_mode="median")
+    return {"median_ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+
+
+def compiled_for_hopper(fn, flops: int) -> dict:
+    """ptxas's report on the last kernel that ``fn`` launches, compiled for sm_90 instead of run."""
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # Triton prints ptxas's log (TRITON_DUMP_PTXAS_LOG)
+        fn()
+    entry = log.getvalue().rsplit("Compiling entry function", 1)[-1]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)
+    return {"registers": int(re.search(r"Used (\d+) registers", entry).group(1)),
+            "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2))}
+
+
+def compile_instead_of_running() -> None:
+    os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    import kernel_builds
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    kernel_builds.TARGETS = [GPUTarget("cuda", 90, 32)]
+    JITFunction.run = kernel_builds._compile_instead_of_run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--ptxas", action="store_true", help="no GPU: compile for sm_90, record registers and spills")
     args = parser.parse_args()
+    if args.ptxas:
+        compile_instead_of_running()
+    measure, device = (compiled_for_hopper, "cpu") if args.ptxas else (timed, "cuda")
     rows = []
     original = grouped_gemm._config
     for tokens, d, n, experts, k in SHAPES:
-        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-        ids = torch.rand(tokens, experts, device="cuda").topk(k, dim=-1).indices.int()
-        w1 = (torch.randn(experts, 2 * n, d, device="cuda", dtype=torch.bfloat16) * d**-0.5).transpose(1, 2)
-        w2 = (torch.randn(experts, d, n, device="cuda", dtype=torch.bfloat16) * n**-0.5).transpose(1, 2)
-        _, _, token_of_row, offsets = align.align(ids, experts)
-        a = torch.randn(tokens * k, n, device="cuda", dtype=torch.bfloat16)
-        operands = {
-            "bf16": (x, w1, a, w2),
-            "fp8 blockwise": (quantize.quantize(x, 1, 128), quantize.quantize_weight(w1, 128, 128),
-                              quantize.quantize(a, 1, 128), quantize.quantize_weight(w2, 128, 128)),
-            "mxfp8": (quantize.quantize(x, 1, 32, True), quantize.quantize_weight(w1, 1, 32, True),
-                      quantize.quantize(a, 1, 32, True), quantize.quantize_weight(w2, 1, 32, True)),
-        }
-        for precision, configs in (("bf16", BF16), ("fp8 blockwise", FP8), ("mxfp8", BF16)):
+        quiet = contextlib.redirect_stdout(io.StringIO()) if args.ptxas else contextlib.nullcontext()
+        with quiet:  # --ptxas: not the quantizers' reports
+            operands, token_of_row, offsets = problem(tokens, d, n, experts, k, device)
+        for precision, configs in (("bf16", BF16), ("fp8 rowwise", FP8), ("fp8 blockwise", FP8), ("mxfp8", BF16)):
             x_op, w1_op, a_op, w2_op = operands[precision]
             for bm, bn, bk, warps, stages in configs:
                 config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
@@ -54,24 +110,26 @@ def main() -> None:
                 for name, fn, flops in (
                     ("up + SwiGLU, H stored", lambda: grouped_gemm.gemm(
                         x_op, w1_op, offsets, a_rows=token_of_row, activation=Activation("swiglu"), store_h=True,
-                        out_dtype=torch.bfloat16),
+                        out_dtype=torch.bfloat16, fp8_out=EPILOGUE_FP8.get(precision)),
                      2 * tokens * k * d * 2 * n),
                     ("down", lambda: grouped_gemm.gemm(a_op, w2_op, offsets, out_dtype=torch.bfloat16),
                      2 * tokens * k * d * n),
                 ):
                     try:
-                        ms = triton.testing.do_bench(fn, return_mode="median")
+                        result = measure(fn, flops)
                     except Exception as error:  # e.g. out of shared memory: not a candidate
                         print(f"{precision} {config} {name}: {type(error).__name__}", flush=True)
                         continue
                     rows.append({"shape": [tokens, d, n, experts, k], "precision": precision, "gemm": name,
-                                 "config": config, "median_ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)})
+                                 "config": config, **result})
                     print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:22} {bm:4} {bn:4} {bk:4} "
-                          f"{warps:2} {stages:2} {ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s", flush=True)
+                          f"{warps:2} {stages:2}  " + "  ".join(f"{key} {value}" for key, value in result.items()),
+                          flush=True)
             grouped_gemm._config = original
     if args.json:
+        target = "sm_90 (ptxas, not run)" if args.ptxas else torch.cuda.get_device_name()
         with open(args.json, "w") as f:
-            json.dump({**benchmark.environment(), "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({**benchmark.environment(), "device": target, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

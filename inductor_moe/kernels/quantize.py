@@ -201,7 +201,7 @@ def quantize_segments(x, offsets, block_rows: int, *, rows=None, activation=None
                          dtype=torch.float32, device=x.device)
     tiles = offsets if whole else tile_starts(offsets, block_rows)  # unread for whole segments
     block_m = block_rows or (16 if interpreting() else 64)
-    block_n = 16 if interpreting() else 128
+    block_n = 16 if interpreting() else min(8192 // block_m, 128)  # tiles of <= 8K elements: no spills
     _quantize_segments_kernel[(num_experts, triton.cdiv(n, block_n))](
         x, rows if rows is not None else offsets, row_scale if row_scale is not None else x, q, scales,
         column_sums if column_sums is not None else scales, tiles, offsets, n,
@@ -211,6 +211,6 @@ def quantize_segments(x, offsets, block_rows: int, *, rows=None, activation=None
         GATHER=rows is not None, ACT=-1 if activation is None else CODES[activation.function], GATED=gated,
         INTERLEAVED=gated and activation.interleaved, ROW_SCALE=row_scale is not None,
         COLUMN_SUMS=column_sums is not None, WHOLE_SEGMENT=whole, POW2=power_of_two, ROUND_FIRST=interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )
     return Quantized(q, scales, (block_rows, 1), power_of_two)
