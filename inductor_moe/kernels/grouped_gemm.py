@@ -248,6 +248,11 @@ def _weight_grad_kernel(
     end = tl.load(offsets_ptr + expert)
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     column_sums = tl.zeros((BLOCK_N,), tl.float32)
+    # FP8 operands are stored [columns, rows]: a column's offset passes int32 on large batches, so
+    # the tile's first column is a 64-bit base and offsets within the tile stay 32-bit (vectorized)
+    tile_ks, tile_ns = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
+    a_columns = a_ptr + (tl.program_id(1) * BLOCK_K).to(tl.int64) * stride_ak
+    b_columns = b_ptr + (tl.program_id(2) * BLOCK_N).to(tl.int64) * stride_bn
     for r0 in range(begin, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
@@ -265,9 +270,8 @@ def _weight_grad_kernel(
                 column_sums += tl.sum(b.to(tl.float32), axis=0)
             acc = _dot(tl.trans(a), b, acc, DOT_F32, IEEE)
         else:  # quantize_segments' operands: blocks of SCALE_ROWS rows from the segment's first row
-            # stored [columns, rows]: a column's offset exceeds int32 on large batches
-            a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :].to(tl.int64) * stride_ak, mask=a_mask, other=0.0)
-            b = tl.load(b_ptr + rows[:, None] * stride_bm + ns[None, :].to(tl.int64) * stride_bn, mask=b_mask, other=0.0)
+            a = tl.load(a_columns + rows[:, None] * stride_am + tile_ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+            b = tl.load(b_columns + rows[:, None] * stride_bm + tile_ns[None, :] * stride_bn, mask=b_mask, other=0.0)
             blocks = tl.load(tiles_ptr + expert) + (rows - begin) // SCALE_ROWS
             a = _dequantized(a, a_scale_ptr + blocks[:, None] * stride_sam + ks[None, :] * stride_sak, a_mask, FP8)
             b = _dequantized(b, b_scale_ptr + blocks[:, None] * stride_sbm + ns[None, :] * stride_sbn, b_mask, FP8)

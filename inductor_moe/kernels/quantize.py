@@ -147,6 +147,8 @@ def _quantize_segments_kernel(
     col_ok = cols < N
     begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
     end = tl.load(offsets_ptr + expert)
+    # q is [columns, rows]: a 64-bit base for the tile's first column, 32-bit offsets within it
+    q_columns = q_ptr + (tl.program_id(1) * BLOCK_N).to(tl.int64) * stride_qn
     amax = tl.zeros((BLOCK_N,), tl.float32)
     sums = tl.zeros((BLOCK_N,), tl.float32)
     for scan in tl.static_range(2 if WHOLE_SEGMENT else 1):
@@ -170,7 +172,7 @@ def _quantize_segments_kernel(
                     block = tl.load(tiles_ptr + expert) + (r0 - begin) // BLOCK_M
                     tl.store(scale_ptr + block * stride_sm + cols * stride_sn, scale, mask=col_ok)
                 q = to_e4m3(x, scale[None, :], ROUND_FIRST)
-                tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :].to(tl.int64) * stride_qn, q,
+                tl.store(q_columns + rows[:, None] * stride_qm + tl.arange(0, BLOCK_N)[None, :] * stride_qn, q,
                          mask=row_ok[:, None] & col_ok[None, :])
     if WHOLE_SEGMENT:
         tl.store(scale_ptr + expert * stride_sm + cols * stride_sn, scale, mask=col_ok)
@@ -202,6 +204,8 @@ def quantize_segments(x, offsets, block_rows: int, *, rows=None, activation=None
     tiles = offsets if whole else tile_starts(offsets, block_rows)  # unread for whole segments
     block_m = block_rows or (16 if interpreting() else 64)
     block_n = 16 if interpreting() else min(8192 // block_m, 128)  # tiles of <= 8K elements: no spills
+    # offsets within a tile of columns are 32-bit (here and in the weight gradient's loads)
+    torch._check(128 * num_rows < 2**31, lambda: f"quantize_segments: {num_rows} rows, at most {2**31 // 128 - 1}")
     _quantize_segments_kernel[(num_experts, triton.cdiv(n, block_n))](
         x, rows if rows is not None else offsets, row_scale if row_scale is not None else x, q, scales,
         column_sums if column_sums is not None else scales, tiles, offsets, n,
