@@ -320,6 +320,7 @@ def _config(n: int, k: int, fp8: bool = False, block_k: int | None = None, block
     return config
 
 
+# C's dtype for a quantizing epilogue: it rounds to it first, as the unfused path stores C
 _TRITON_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
                   torch.float16: tl.float16}
 
