@@ -25,40 +25,32 @@ import torch
 import triton
 
 from inductor_moe import benchmark
-from inductor_moe.kernels import align, grouped_gemm, quantize
+from inductor_moe.kernels import align, grouped_gemm
 from inductor_moe.ops.activations import Activation
+from inductor_moe.ops.triton_impl import activation_operand, epilogue_blocks, weight_operand
 
 SHAPES = [(32768, 4096, 1024, 64, 4), (24576, 1536, 256, 128, 8)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 BF16 = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
         (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 3)]
-# the up projection quantizes its output for the down projection, as the experts op does (its
-# BLOCK_N at least the block)
-EPILOGUE_FP8 = {"fp8 blockwise": (128, False), "mxfp8": (32, True)}
 # blockwise keeps each K block's product beside the accumulators (two of each when gated): 64-row
 # tiles with 8 warps spill the least (--ptxas)
 FP8 = [(128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
        (64, 256, 128, 8, 3), (64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (128, 64, 128, 8, 3)]
+# name in the results -> (FP8 recipe, candidates); MX tiles are dequantized to bf16 in the kernel
+PRECISIONS = {"bf16": (None, BF16), "fp8 rowwise": ("rowwise", FP8), "fp8 blockwise": ("blockwise", FP8),
+              "mxfp8": ("mxfp8", BF16)}
 
 
 def problem(tokens, d, n, experts, k, device):
-    """Each precision's (x, w1, a, w2) operands, and the rows' sort."""
+    """(x, w1, a, w2) in bf16, and the rows' sort."""
     x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
     ids = torch.rand(tokens, experts, device=device).topk(k, dim=-1).indices.int()
     w1 = (torch.randn(experts, 2 * n, d, device=device, dtype=torch.bfloat16) * d**-0.5).transpose(1, 2)
     w2 = (torch.randn(experts, d, n, device=device, dtype=torch.bfloat16) * n**-0.5).transpose(1, 2)
     _, _, token_of_row, offsets = align.align(ids, experts)
     a = torch.randn(tokens * k, n, device=device, dtype=torch.bfloat16)
-    operands = {
-        "bf16": (x, w1, a, w2),
-        "fp8 rowwise": (quantize.quantize(x, 1, 0), quantize.quantize_weight(w1, 1, 0),
-                        quantize.quantize(a, 1, 0), quantize.quantize_weight(w2, 1, 0)),
-        "fp8 blockwise": (quantize.quantize(x, 1, 128), quantize.quantize_weight(w1, 128, 128),
-                          quantize.quantize(a, 1, 128), quantize.quantize_weight(w2, 128, 128)),
-        "mxfp8": (quantize.quantize(x, 1, 32, True), quantize.quantize_weight(w1, 1, 32, True),
-                  quantize.quantize(a, 1, 32, True), quantize.quantize_weight(w2, 1, 32, True)),
-    }
-    return operands, token_of_row, offsets
+    return (x, w1, a, w2), token_of_row, offsets
 
 
 def timed(fn, flops: int) -> dict:
@@ -98,19 +90,24 @@ def main() -> None:
     measure, device = (compiled_for_hopper, "cpu") if args.ptxas else (timed, "cuda")
     rows = []
     original = grouped_gemm._config
+    # --ptxas: not the reports of the kernels that make the operands
+    quiet = (lambda: contextlib.redirect_stdout(io.StringIO())) if args.ptxas else contextlib.nullcontext
     for tokens, d, n, experts, k in SHAPES:
-        quiet = contextlib.redirect_stdout(io.StringIO()) if args.ptxas else contextlib.nullcontext()
-        with quiet:  # --ptxas: not the quantizers' reports
-            operands, token_of_row, offsets = problem(tokens, d, n, experts, k, device)
-        for precision, configs in (("bf16", BF16), ("fp8 rowwise", FP8), ("fp8 blockwise", FP8), ("mxfp8", BF16)):
-            x_op, w1_op, a_op, w2_op = operands[precision]
+        with quiet():
+            (x, w1, a, w2), token_of_row, offsets = problem(tokens, d, n, experts, k, device)
+        for precision, (recipe, configs) in PRECISIONS.items():
+            with quiet():
+                # the operands as the experts op makes them; the up projection quantizes its output
+                # for the down projection as it does too (BLOCK_N at least the block)
+                x_op, w1_op = activation_operand(x, recipe), weight_operand(w1, recipe)
+                a_op, w2_op = activation_operand(a, recipe), weight_operand(w2, recipe)
             for bm, bn, bk, warps, stages in configs:
                 config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 grouped_gemm._config = lambda *_, config=config, **__: dict(config)
                 for name, fn, flops in (
                     ("up + SwiGLU, H stored", lambda: grouped_gemm.gemm(
                         x_op, w1_op, offsets, a_rows=token_of_row, activation=Activation("swiglu"), store_h=True,
-                        out_dtype=torch.bfloat16, fp8_out=EPILOGUE_FP8.get(precision)),
+                        out_dtype=torch.bfloat16, fp8_out=epilogue_blocks(recipe)),
                      2 * tokens * k * d * 2 * n),
                     ("down", lambda: grouped_gemm.gemm(a_op, w2_op, offsets, out_dtype=torch.bfloat16),
                      2 * tokens * k * d * n),

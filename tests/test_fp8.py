@@ -198,6 +198,7 @@ def test_segment_quantizer_is_bit_exact(recipe, prologue):
     values times scales equal the torch recipe bit for bit, with the prologue (gathered rows,
     row scales, a recomputed activation) applied first, and the column sums of what it quantized.
     Segments of 0, 1, 45 and 290 rows (several 128-row blocks); huge, tiny and zero columns."""
+    from inductor_moe.kernels import align
     from inductor_moe.kernels import quantize as kernel
 
     offsets = torch.tensor([45, 45, 46, 336], dtype=torch.int32, device=DEVICE)
@@ -225,9 +226,7 @@ def test_segment_quantizer_is_bit_exact(recipe, prologue):
     expert = torch.searchsorted(offsets, torch.arange(rows, device=DEVICE, dtype=torch.int32), right=True)
     if block_rows:
         begin = torch.nn.functional.pad(offsets, (1, 0))[expert]
-        tiles = torch.nn.functional.pad(torch.cumsum((offsets.diff(prepend=offsets[:1] * 0) + block_rows - 1)
-                                                     // block_rows, 0), (1, 0))
-        block = tiles[expert] + (torch.arange(rows, device=DEVICE) - begin) // block_rows
+        block = align.tile_starts(offsets, block_rows)[expert] + (torch.arange(rows, device=DEVICE) - begin) // block_rows
     else:
         block = expert
     dequantized = q.values.float() * q.scales[block]

@@ -253,6 +253,7 @@ def _weight_grad_kernel(
     tile_ks, tile_ns = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
     a_columns = a_ptr + (tl.program_id(1) * BLOCK_K).to(tl.int64) * stride_ak
     b_columns = b_ptr + (tl.program_id(2) * BLOCK_N).to(tl.int64) * stride_bn
+    first_block = tl.load(tiles_ptr + expert)  # of the expert's scales (FP8 row blocks)
     for r0 in range(begin, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
@@ -272,11 +273,11 @@ def _weight_grad_kernel(
         else:  # quantize_segments' operands: blocks of SCALE_ROWS rows from the segment's first row
             a = tl.load(a_columns + rows[:, None] * stride_am + tile_ks[None, :] * stride_ak, mask=a_mask, other=0.0)
             b = tl.load(b_columns + rows[:, None] * stride_bm + tile_ns[None, :] * stride_bn, mask=b_mask, other=0.0)
-            blocks = tl.load(tiles_ptr + expert) + (rows - begin) // SCALE_ROWS
+            blocks = first_block + (rows - begin) // SCALE_ROWS
             a = _dequantized(a, a_scale_ptr + blocks[:, None] * stride_sam + ks[None, :] * stride_sak, a_mask, FP8)
             b = _dequantized(b, b_scale_ptr + blocks[:, None] * stride_sbm + ns[None, :] * stride_sbn, b_mask, FP8)
             if FP8 == 2:  # PER_K_BLOCK: BLOCK_M is the scale block
-                block = tl.load(tiles_ptr + expert) + (r0 - begin) // BLOCK_M
+                block = first_block + (r0 - begin) // BLOCK_M
                 a_scale = tl.load(a_scale_ptr + block * stride_sam + ks * stride_sak, mask=k_ok, other=0.0)
                 b_scale = tl.load(b_scale_ptr + block * stride_sbm + ns * stride_sbn, mask=n_ok, other=0.0)
             else:
@@ -441,19 +442,19 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
     fp8 = _fp8_mode(a, b, fp8_rows)
     config = _config(nd, kd, fp8 in (PER_ROW, PER_K_BLOCK), block_m=fp8_rows if fp8 == PER_K_BLOCK else None)
     if fp8 == NO_FP8:
-        scale_arguments = (a, b, offsets, 0, 0, 0, 0)
+        scale_pointers, scale_strides = (a, b, offsets), (0,) * 4
     else:
         tiles = offsets if fp8 == PER_ROW else tile_starts(offsets, fp8_rows)  # PER_ROW: scales by expert
-        scale_arguments = (a.scales, b.scales, tiles, *a.scales.stride(), *b.scales.stride())
+        scale_pointers, scale_strides = (a.scales, b.scales, tiles), (*a.scales.stride(), *b.scales.stride())
         a, b = a.values, b.values
     grid = (num_experts, triton.cdiv(kd, config["BLOCK_K"]), triton.cdiv(nd, config["BLOCK_N"]))
     gated = a_activation is not None and a_activation.gated
     _weight_grad_kernel[grid](
         a, a_rows if a_rows is not None else offsets, b, b_rows if b_rows is not None else offsets,
         scale if scale is not None else b, out, bias_grad if bias_grad is not None else out, offsets,
-        *scale_arguments[:3], kd, nd,
+        *scale_pointers, kd, nd,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        bias_grad.stride(0) if bias_grad is not None else 0, *scale_arguments[3:],
+        bias_grad.stride(0) if bias_grad is not None else 0, *scale_strides,
         a_activation.alpha if a_activation is not None else 0.0, a_activation.limit if a_activation is not None else 0.0,
         A_GATHER=a_rows is not None, A_ACT=_act_code(a_activation), GATED=gated,
         INTERLEAVED=gated and a_activation.interleaved, B_GATHER=b_rows is not None, B_SCALE=scale is not None,

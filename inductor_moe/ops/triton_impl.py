@@ -17,7 +17,7 @@ from .cpu import stored_out_in
 _QUANTIZED_WEIGHTS = WeakIdKeyDictionary()
 
 
-def _activation(x: torch.Tensor, recipe: str | None):
+def activation_operand(x: torch.Tensor, recipe: str | None):
     """A GEMM's A operand as the kernels take it: x, or x quantized in the recipe's activation blocks."""
     if recipe is None:
         return x
@@ -25,7 +25,7 @@ def _activation(x: torch.Tensor, recipe: str | None):
     return quantize.quantize(x, rows, cols, recipe == "mxfp8")
 
 
-def _epilogue_blocks(recipe: str | None):
+def epilogue_blocks(recipe: str | None):
     """(block columns, power of two) of the recipe's activation blocks when the GEMM that
     produces the activation can quantize it in its epilogue: tile-local 1 x 128 / 1 x 32 blocks.
     None for rowwise, whose scale needs the whole row (quantized by a pass of its own)."""
@@ -33,7 +33,7 @@ def _epilogue_blocks(recipe: str | None):
     return (cols, recipe == "mxfp8") if cols else None
 
 
-def _weight(b: torch.Tensor, recipe: str | None):
+def weight_operand(b: torch.Tensor, recipe: str | None):
     """A GEMM's B operand ``[E, K, N]`` as the kernels take it: b, or b quantized in the recipe's
     weight blocks, cached until the weight changes (its version counter moves)."""
     if recipe is None:
@@ -63,11 +63,11 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe
     num_tokens, k = ids.shape
     order, inverse, token_of_row, offsets = align.align(ids, w1.shape[0])
     # FP8: x is quantized per token, before the gather: T rows, not T * k
-    fused = _epilogue_blocks(fp8_recipe)
-    a, h = grouped_gemm.gemm(_activation(x, fp8_recipe), _weight(w1, fp8_recipe), offsets, a_rows=token_of_row,
+    fused = epilogue_blocks(fp8_recipe)
+    a, h = grouped_gemm.gemm(activation_operand(x, fp8_recipe), weight_operand(w1, fp8_recipe), offsets, a_rows=token_of_row,
                              bias=b1, activation=act, store_h=True, out_dtype=x.dtype, fp8_out=fused)
-    a = a if fused else _activation(a, fp8_recipe)
-    y, _ = grouped_gemm.gemm(a, _weight(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
+    a = a if fused else activation_operand(a, fp8_recipe)
+    y, _ = grouped_gemm.gemm(a, weight_operand(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
     out = unpermute.unpermute_reduce(y, inverse, weights, num_tokens, k, out_dtype=x.dtype)
     return out, h, order.long(), offsets
 
@@ -87,7 +87,7 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     _, inverse, token_of_row, _ = align.align(ids, num_experts)  # the same sort as the forward's
     scale = weights.reshape(-1)[order].float()
     grad_h, partial = grouped_gemm.gemm_act_backward(
-        _activation(grad_out, fp8_recipe), token_of_row, _weight(w2.transpose(1, 2), fp8_recipe), offsets, h, scale, act
+        activation_operand(grad_out, fp8_recipe), token_of_row, weight_operand(w2.transpose(1, 2), fp8_recipe), offsets, h, scale, act
     )
     grad_scale = partial.sum(dim=1)
     if b2 is not None:  # the bias's share of each expert output: <grad_t, b2[e]>
@@ -106,7 +106,7 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     grad_w1, grad_b1 = _like_storage(w1), None if b1 is None else torch.empty_like(b1)
     grouped_gemm.weight_grad(x, grad_h, offsets, grad_w1, a_rows=token_of_row, bias_grad=grad_b1, **weight_grad_fp8)
     grad_x_rows, _ = grouped_gemm.gemm(
-        _activation(grad_h, fp8_recipe), _weight(w1.transpose(1, 2), fp8_recipe), offsets, out_dtype=x.dtype
+        activation_operand(grad_h, fp8_recipe), weight_operand(w1.transpose(1, 2), fp8_recipe), offsets, out_dtype=x.dtype
     )
     grad_x = unpermute.unpermute_reduce(grad_x_rows, inverse, None, num_tokens, k, out_dtype=x.dtype)
     no_bias = x.new_empty(0), x.new_empty(0)  # distinct: outputs must not alias
