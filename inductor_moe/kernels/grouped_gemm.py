@@ -58,11 +58,10 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
     if DOT_F32:  # Triton's interpreter multiplies bf16 wrongly: compute in float32 there
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if IEEE:
-        acc += tl.dot(a, b, input_precision="ieee")
-    else:
-        acc += tl.dot(a, b)
-    return acc
+    # tl.dot's accumulator argument, not ``acc += tl.dot(a, b)``: Triton folds that addition into
+    # the MMA for 16-bit operands only; for e4m3 (max_num_imprecise_acc set) each product would
+    # start from zero and wait for its MMA to finish before the addition (sm_90 TTGIR)
+    return tl.dot(a, b, acc, input_precision="ieee" if IEEE else None)
 
 
 @triton.jit
