@@ -198,7 +198,6 @@ def test_segment_quantizer_is_bit_exact(recipe, prologue):
     values times scales equal the torch recipe bit for bit, with the prologue (gathered rows,
     row scales, a recomputed activation) applied first, and the column sums of what it quantized.
     Segments of 0, 1, 45 and 290 rows (several 128-row blocks); huge, tiny and zero columns."""
-    from inductor_moe.kernels import align
     from inductor_moe.kernels import quantize as kernel
 
     offsets = torch.tensor([45, 45, 46, 336], dtype=torch.int32, device=DEVICE)
@@ -219,17 +218,17 @@ def test_segment_quantizer_is_bit_exact(recipe, prologue):
         activation = Activation("reglu")  # exact in float32 in both: the kernel's exp would differ by an ulp
         options, expected = dict(activation=activation), activation.forward(source)
     sums = torch.empty(offsets.shape[0], width, device=DEVICE)
-    q = kernel.quantize_segments(source, offsets, fp8.SEGMENT_ROWS[recipe], column_sums=sums,
-                                 power_of_two=recipe == "mxfp8", **options)
-    assert q.values.shape == (rows, width) and q.values.stride() == (1, rows)
     block_rows = fp8.SEGMENT_ROWS[recipe]
+    starts = kernel.segment_starts(offsets, block_rows)
+    q = kernel.quantize_segments(source, offsets, starts, block_rows, column_sums=sums,
+                                 power_of_two=recipe == "mxfp8", **options)
+    align = block_rows or kernel.SEGMENT_ALIGN
+    assert q.values.stride() == (1, q.values.shape[0]) and q.values.shape[0] % 16 == 0
     expert = torch.searchsorted(offsets, torch.arange(rows, device=DEVICE, dtype=torch.int32), right=True)
-    if block_rows:
-        begin = torch.nn.functional.pad(offsets, (1, 0))[expert]
-        block = align.tile_starts(offsets, block_rows)[expert] + (torch.arange(rows, device=DEVICE) - begin) // block_rows
-    else:
-        block = expert
-    dequantized = q.values.float() * q.scales[block]
+    row_in_segment = torch.arange(rows, device=DEVICE) - torch.nn.functional.pad(offsets, (1, 0))[expert]
+    stored_row = starts[expert] * align + row_in_segment  # each expert's rows from a multiple of align
+    block = starts[expert] + row_in_segment // block_rows if block_rows else expert
+    dequantized = q.values[stored_row].float() * q.scales[block]
     assert torch.equal(dequantized, fp8.fake_quantize_segments(expected, offsets, recipe))
     segment_sums = torch.zeros_like(sums).index_add_(0, expert, expected)
     column_scale = expected.abs().amax(0).clamp(min=1e-38)  # columns span 60 orders of magnitude

@@ -77,20 +77,27 @@ def gated_backward(gate, up, grad, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
-def load_operand_rows(ptr, rows_ptr, rows, row_ok, cols, col_ok, width, stride_m, stride_n, alpha, limit,
-                      GATHER: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """float32 ``x[rows_ptr[rows], cols]`` (GATHER) or ``x[rows, cols]``; with an activation, its
-    value on those rows of the pre-activation x (gated: gate and up columns, ``width`` each,
-    interleaved or in halves), recomputed because it was never kept. Zero outside the masks."""
+def load_operand_rows(ptr, rows_ptr, rows, row_ok, first_col, width, stride_m, stride_n, alpha, limit,
+                      GATHER: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
+                      BLOCK_COLS: tl.constexpr):
+    """float32 ``x[rows_ptr[rows], cols]`` (GATHER) or ``x[rows, cols]``, cols the BLOCK_COLS
+    from ``first_col``; with an activation, its value on those rows of the pre-activation x
+    (gated: gate and up columns, ``width`` each, interleaved or in halves), recomputed because it
+    was never kept. Zero outside the rows and the width."""
     sources = tl.load(rows_ptr + rows, mask=row_ok, other=0) if GATHER else rows
-    mask = row_ok[:, None] & col_ok[None, :]
+    cols = first_col + tl.arange(0, BLOCK_COLS)
+    mask = row_ok[:, None] & (cols < width)[None, :]
     base = ptr + sources[:, None].to(tl.int64) * stride_m
     if ACT >= 0:
-        if GATED:
-            gate_cols = 2 * cols if INTERLEAVED else cols
-            up_cols = 2 * cols + 1 if INTERLEAVED else cols + width
-            gate = tl.load(base + gate_cols[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(base + up_cols[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
+        if GATED and INTERLEAVED:  # (gate, up) pairs: one contiguous load (vectorized), split in registers
+            pair_cols = 2 * first_col + tl.arange(0, 2 * BLOCK_COLS)
+            pairs = tl.load(base + pair_cols[None, :] * stride_n, mask=row_ok[:, None] & (pair_cols < 2 * width)[None, :],
+                            other=0.0)
+            gate, up = tl.split(tl.reshape(pairs.to(tl.float32), (rows.shape[0], BLOCK_COLS, 2)))
+            x = gated_forward(gate, up, ACT, alpha, limit)
+        elif GATED:
+            gate = tl.load(base + cols[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(base + (cols + width)[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
             x = gated_forward(gate, up, ACT, alpha, limit)
         else:
             x = act_forward(tl.load(base + cols[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32), ACT)

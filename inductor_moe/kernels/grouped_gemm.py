@@ -30,7 +30,7 @@ import triton.language as tl
 from . import interpreting
 from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward, load_operand_rows
 from .align import max_tiles, tile_starts
-from .quantize import Quantized, quantize_segments, scale_of, to_e4m3
+from .quantize import SEGMENT_ALIGN, Quantized, quantize_segments, scale_of, segment_starts, to_e4m3
 
 NO_ACT = -1
 # FP8 modes: no scales; one scale per row of A and column of B, applied after the K loop; one per
@@ -235,7 +235,7 @@ def _weight_grad_kernel(
     stride_sam, stride_sak, stride_sbm, stride_sbn, alpha, limit,
     A_GATHER: tl.constexpr, A_ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
     B_GATHER: tl.constexpr, B_SCALE: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    FP8: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    FP8: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     expert = tl.program_id(0)
@@ -244,39 +244,48 @@ def _weight_grad_kernel(
     k_ok = ks < KD
     n_ok = ns < ND
     begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
-    end = tl.load(offsets_ptr + expert)
+    count = tl.load(offsets_ptr + expert) - begin
+    if FP8 != 0:
+        # quantize_segments' operands: stored [columns, padded rows], the expert's rows from row
+        # first_block * ROW_BLOCK, zero rows up to a multiple of ROW_BLOCK: whole 16-byte vectors
+        # (a mask at the last row would split them). A column's offset passes int32 on large
+        # batches: the tile's first column is a 64-bit base, offsets within the tile 32-bit
+        first_block = tl.load(tiles_ptr + expert)  # of the expert's rows and scales
+        count = (tl.load(tiles_ptr + expert + 1) - first_block) * ROW_BLOCK
+        tile_ks, tile_ns = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
+        first_row = first_block * ROW_BLOCK
+        a_columns = a_ptr + (tl.program_id(1) * BLOCK_K).to(tl.int64) * stride_ak + first_row * stride_am
+        b_columns = b_ptr + (tl.program_id(2) * BLOCK_N).to(tl.int64) * stride_bn + first_row * stride_bm
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     column_sums = tl.zeros((BLOCK_N,), tl.float32)
-    # FP8 operands are stored [columns, rows]: a column's offset passes int32 on large batches, so
-    # the tile's first column is a 64-bit base and offsets within the tile stay 32-bit (vectorized)
-    tile_ks, tile_ns = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
-    a_columns = a_ptr + (tl.program_id(1) * BLOCK_K).to(tl.int64) * stride_ak
-    b_columns = b_ptr + (tl.program_id(2) * BLOCK_N).to(tl.int64) * stride_bn
-    first_block = tl.load(tiles_ptr + expert)  # of the expert's scales (FP8 row blocks)
-    for r0 in range(begin, end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
+    for r0 in range(0, count, BLOCK_M):
+        segment_rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = segment_rows < count
         a_mask = row_ok[:, None] & k_ok[None, :]
         b_mask = row_ok[:, None] & n_ok[None, :]
         if FP8 == 0:
-            a = load_operand_rows(a_ptr, a_rows_ptr, rows, row_ok, ks, k_ok, KD, stride_am, stride_ak, alpha, limit,
-                                  A_GATHER, A_ACT, GATED, INTERLEAVED).to(b_ptr.dtype.element_ty)
-            b = load_operand_rows(b_ptr, b_rows_ptr, rows, row_ok, ns, n_ok, ND, stride_bm, stride_bn, alpha, limit,
-                                  B_GATHER, -1, False, False)
+            rows = begin + segment_rows
+            a = load_operand_rows(a_ptr, a_rows_ptr, rows, row_ok, tl.program_id(1) * BLOCK_K, KD, stride_am,
+                                  stride_ak, alpha, limit, A_GATHER, A_ACT, GATED, INTERLEAVED, BLOCK_K)
+            a = a.to(b_ptr.dtype.element_ty)
+            b = load_operand_rows(b_ptr, b_rows_ptr, rows, row_ok, tl.program_id(2) * BLOCK_N, ND, stride_bm,
+                                  stride_bn, alpha, limit, B_GATHER, -1, False, False, BLOCK_N)
             if B_SCALE:
                 b *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
             b = b.to(b_ptr.dtype.element_ty)
             if BIAS_GRAD:
                 column_sums += tl.sum(b.to(tl.float32), axis=0)
             acc = _dot(tl.trans(a), b, acc, DOT_F32, IEEE)
-        else:  # quantize_segments' operands: blocks of SCALE_ROWS rows from the segment's first row
-            a = tl.load(a_columns + rows[:, None] * stride_am + tile_ks[None, :] * stride_ak, mask=a_mask, other=0.0)
-            b = tl.load(b_columns + rows[:, None] * stride_bm + tile_ns[None, :] * stride_bn, mask=b_mask, other=0.0)
-            blocks = first_block + (rows - begin) // SCALE_ROWS
+        else:  # blocks of ROW_BLOCK rows from the segment's first row (PER_ROW: whole segments)
+            a = tl.load(a_columns + segment_rows[:, None] * stride_am + tile_ks[None, :] * stride_ak, mask=a_mask,
+                        other=0.0)
+            b = tl.load(b_columns + segment_rows[:, None] * stride_bm + tile_ns[None, :] * stride_bn, mask=b_mask,
+                        other=0.0)
+            blocks = first_block + segment_rows // ROW_BLOCK
             a = _dequantized(a, a_scale_ptr + blocks[:, None] * stride_sam + ks[None, :] * stride_sak, a_mask, FP8)
             b = _dequantized(b, b_scale_ptr + blocks[:, None] * stride_sbm + ns[None, :] * stride_sbn, b_mask, FP8)
             if FP8 == 2:  # PER_K_BLOCK: BLOCK_M is the scale block
-                block = first_block + (r0 - begin) // BLOCK_M
+                block = first_block + r0 // BLOCK_M
                 a_scale = tl.load(a_scale_ptr + block * stride_sam + ks * stride_sak, mask=k_ok, other=0.0)
                 b_scale = tl.load(b_scale_ptr + block * stride_sbm + ns * stride_sbn, mask=n_ok, other=0.0)
             else:
@@ -434,17 +443,17 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
     """
     num_experts, kd, nd = out.shape
     if fp8_rows is not None:
+        starts = segment_starts(offsets, fp8_rows)
         segments = dict(block_rows=fp8_rows, power_of_two=power_of_two)
-        a = quantize_segments(a, offsets, rows=a_rows, activation=a_activation, **segments)
-        b = quantize_segments(b, offsets, rows=b_rows, row_scale=scale, column_sums=bias_grad, **segments)
+        a = quantize_segments(a, offsets, starts, rows=a_rows, activation=a_activation, **segments)
+        b = quantize_segments(b, offsets, starts, rows=b_rows, row_scale=scale, column_sums=bias_grad, **segments)
         a_rows = a_activation = b_rows = scale = bias_grad = None
     fp8 = _fp8_mode(a, b, fp8_rows)
     config = _config(nd, kd, fp8 in (PER_ROW, PER_K_BLOCK), block_m=fp8_rows if fp8 == PER_K_BLOCK else None)
     if fp8 == NO_FP8:
         scale_pointers, scale_strides = (a, b, offsets), (0,) * 4
     else:
-        tiles = offsets if fp8 == PER_ROW else tile_starts(offsets, fp8_rows)  # PER_ROW: scales by expert
-        scale_pointers, scale_strides = (a.scales, b.scales, tiles), (*a.scales.stride(), *b.scales.stride())
+        scale_pointers, scale_strides = (a.scales, b.scales, starts), (*a.scales.stride(), *b.scales.stride())
         a, b = a.values, b.values
     grid = (num_experts, triton.cdiv(kd, config["BLOCK_K"]), triton.cdiv(nd, config["BLOCK_N"]))
     gated = a_activation is not None and a_activation.gated
@@ -457,6 +466,7 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         a_activation.alpha if a_activation is not None else 0.0, a_activation.limit if a_activation is not None else 0.0,
         A_GATHER=a_rows is not None, A_ACT=_act_code(a_activation), GATED=gated,
         INTERLEAVED=gated and a_activation.interleaved, B_GATHER=b_rows is not None, B_SCALE=scale is not None,
-        BIAS_GRAD=bias_grad is not None, FP8=fp8, SCALE_ROWS=max(fp8_rows or 0, 1), **_flags(a.dtype), **config,
+        BIAS_GRAD=bias_grad is not None, FP8=fp8, ROW_BLOCK=fp8_rows or SEGMENT_ALIGN, **_flags(a.dtype),
+        **config,
     )
     return out

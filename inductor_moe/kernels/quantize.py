@@ -134,11 +134,11 @@ def quantize_weight(b: torch.Tensor, block_rows: int, block_cols: int, power_of_
 
 @triton.jit
 def _quantize_segments_kernel(
-    x_ptr, rows_ptr, row_scale_ptr, q_ptr, scale_ptr, sums_ptr, tiles_ptr, offsets_ptr, N,
+    x_ptr, rows_ptr, row_scale_ptr, q_ptr, scale_ptr, sums_ptr, starts_ptr, offsets_ptr, N,
     stride_xm, stride_xn, stride_qm, stride_qn, stride_sm, stride_sn, stride_ue, alpha, limit,
     GATHER: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
     ROW_SCALE: tl.constexpr, COLUMN_SUMS: tl.constexpr, WHOLE_SEGMENT: tl.constexpr, POW2: tl.constexpr,
-    ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROUND_FIRST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_N columns of one expert's rows, in blocks of BLOCK_M rows (or the whole
     segment: a first pass finds each column's maximum)."""
@@ -146,22 +146,25 @@ def _quantize_segments_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
-    end = tl.load(offsets_ptr + expert)
-    # q is [columns, rows]: a 64-bit base for the tile's first column, 32-bit offsets within it
-    q_columns = q_ptr + (tl.program_id(1) * BLOCK_N).to(tl.int64) * stride_qn
+    count = tl.load(offsets_ptr + expert) - begin
+    first_block = tl.load(starts_ptr + expert)
+    padded = (tl.load(starts_ptr + expert + 1) - first_block) * ALIGN  # rows stored: zeros after count
+    # q is [columns, padded rows]: a 64-bit base for the tile's first column, 32-bit offsets within it
+    q_columns = q_ptr + (tl.program_id(1) * BLOCK_N).to(tl.int64) * stride_qn + first_block * ALIGN * stride_qm
     amax = tl.zeros((BLOCK_N,), tl.float32)
     sums = tl.zeros((BLOCK_N,), tl.float32)
     for scan in tl.static_range(2 if WHOLE_SEGMENT else 1):
         if scan == 1:
             scale = scale_of(amax, POW2)
-        for r0 in range(begin, end, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            x = load_operand_rows(x_ptr, rows_ptr, rows, row_ok, cols, col_ok, N, stride_xm, stride_xn, alpha, limit,
-                                  GATHER, ACT, GATED, INTERLEAVED)
+        for r0 in range(0, padded, BLOCK_M):
+            segment_rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = segment_rows < count
+            rows = begin + segment_rows
+            x = load_operand_rows(x_ptr, rows_ptr, rows, row_ok, tl.program_id(1) * BLOCK_N, N, stride_xm, stride_xn,
+                                  alpha, limit, GATHER, ACT, GATED, INTERLEAVED, BLOCK_N)
             if ROW_SCALE:
                 x *= tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)  # the operand as the unquantized GEMM takes it
+            x = tl.where(row_ok[:, None], x.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)  # as the GEMM takes it
             if COLUMN_SUMS and scan == 0:
                 sums += tl.sum(x, axis=0)
             if WHOLE_SEGMENT and scan == 0:
@@ -169,52 +172,67 @@ def _quantize_segments_kernel(
             else:
                 if not WHOLE_SEGMENT:
                     scale = scale_of(tl.max(tl.abs(x), axis=0), POW2)
-                    block = tl.load(tiles_ptr + expert) + (r0 - begin) // BLOCK_M
+                    block = first_block + r0 // BLOCK_M
                     tl.store(scale_ptr + block * stride_sm + cols * stride_sn, scale, mask=col_ok)
                 q = to_e4m3(x, scale[None, :], ROUND_FIRST)
-                tl.store(q_columns + rows[:, None] * stride_qm + tl.arange(0, BLOCK_N)[None, :] * stride_qn, q,
-                         mask=row_ok[:, None] & col_ok[None, :])
+                tl.store(q_columns + segment_rows[:, None] * stride_qm + tl.arange(0, BLOCK_N)[None, :] * stride_qn,
+                         q, mask=(segment_rows < padded)[:, None] & col_ok[None, :])
     if WHOLE_SEGMENT:
         tl.store(scale_ptr + expert * stride_sm + cols * stride_sn, scale, mask=col_ok)
     if COLUMN_SUMS:
         tl.store(sums_ptr + expert * stride_ue + cols, sums.to(sums_ptr.dtype.element_ty), mask=col_ok)
 
 
-def quantize_segments(x, offsets, block_rows: int, *, rows=None, activation=None, row_scale=None, column_sums=None,
-                      power_of_two: bool = False) -> Quantized:
+# rows: whole segments (block_rows 0) are stored padded to a multiple of this, so that a weight
+# gradient loads them in aligned 16-byte vectors (asynchronous copies into shared memory need it)
+SEGMENT_ALIGN = 16
+
+
+def segment_starts(offsets: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """``[E + 1]`` int32: in ``quantize_segments``' storage, expert e's rows are rows
+    ``starts[e] * align`` to ``starts[e + 1] * align`` (``align``: ``block_rows or SEGMENT_ALIGN``),
+    zeros after its last row; with blocks, ``starts[e]`` is also its first scale block."""
+    return tile_starts(offsets, block_rows or SEGMENT_ALIGN)
+
+
+def quantize_segments(x, offsets, starts, block_rows: int, *, rows=None, activation=None, row_scale=None,
+                      column_sums=None, power_of_two: bool = False) -> Quantized:
     """A weight gradient's operand ``x'`` ``[M, N]`` (rows sorted by expert, ``offsets`` their
     ends) in blocks of ``block_rows`` rows x 1 column that start at each expert's first row (0:
     the whole segment), so that no block spans two experts.
 
     ``x'`` is ``x[rows]`` (None: row r), or the activation of ``x`` (the pre-activation H,
     ``[M, 2N]`` if gated), times ``row_scale[r]`` if given, in x's dtype. ``column_sums`` ``[E, N]``,
-    if given, receives each expert's column sums of ``x'`` (a bias gradient). Values are stored
-    ``[N, M]``, the rows contiguous as FP8 tensor cores read a reduced dimension, and returned as
-    the ``[M, N]`` view; scales ``[S, N]``: expert e's i-th block is row ``tile_starts(offsets,
-    block_rows)[e] + i`` (whole segments: row e).
+    if given, receives each expert's column sums of ``x'`` (a bias gradient). ``starts``:
+    ``segment_starts(offsets, block_rows)``. Values are stored ``[N, P]``, the rows contiguous as
+    FP8 tensor cores read a reduced dimension, each expert's rows padded with zero rows to a
+    multiple of the alignment (see ``segment_starts``), and returned as the ``[P, N]`` view; scales
+    ``[S, N]``: expert e's i-th block is row ``starts[e] + i`` (whole segments: row e).
     """
     num_rows = x.shape[0] if rows is None else rows.shape[0]
     gated = activation is not None and activation.gated
     n = x.shape[1] // 2 if gated else x.shape[1]
     num_experts = offsets.shape[0]
     whole = block_rows == 0
-    q = torch.empty(n, num_rows, dtype=torch.float8_e4m3fn, device=x.device).t()
+    align = block_rows or SEGMENT_ALIGN
+    padded_rows = max_tiles(num_rows, num_experts, align) * align
+    q = torch.empty(n, padded_rows, dtype=torch.float8_e4m3fn, device=x.device).t()
     scales = torch.empty(num_experts if whole else max_tiles(num_rows, num_experts, block_rows), n,
                          dtype=torch.float32, device=x.device)
-    tiles = offsets if whole else tile_starts(offsets, block_rows)  # unread for whole segments
     block_m = block_rows or (16 if interpreting() else 64)
     block_n = 16 if interpreting() else min(8192 // block_m, 128)  # tiles of <= 8K elements: no spills
     # offsets within a tile of columns are 32-bit (here and in the weight gradient's loads)
-    torch._check(128 * num_rows < 2**31, lambda: f"quantize_segments: {num_rows} rows, at most {2**31 // 128 - 1}")
+    torch._check(128 * padded_rows < 2**31,
+                 lambda: f"quantize_segments: {num_rows} rows of {num_experts} experts, over 32-bit offsets")
     _quantize_segments_kernel[(num_experts, triton.cdiv(n, block_n))](
         x, rows if rows is not None else offsets, row_scale if row_scale is not None else x, q, scales,
-        column_sums if column_sums is not None else scales, tiles, offsets, n,
+        column_sums if column_sums is not None else scales, starts, offsets, n,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scales.stride(0), scales.stride(1),
         column_sums.stride(0) if column_sums is not None else 0,
         activation.alpha if activation is not None else 0.0, activation.limit if activation is not None else 0.0,
         GATHER=rows is not None, ACT=-1 if activation is None else CODES[activation.function], GATED=gated,
         INTERLEAVED=gated and activation.interleaved, ROW_SCALE=row_scale is not None,
         COLUMN_SUMS=column_sums is not None, WHOLE_SEGMENT=whole, POW2=power_of_two, ROUND_FIRST=interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
+        ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )
     return Quantized(q, scales, (block_rows, 1), power_of_two)
