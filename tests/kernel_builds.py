@@ -1,40 +1,64 @@
 """Compile every kernel, as its launch function calls it, for Hopper (sm_90) and Ampere (sm_80)
 GPUs (FP8 kernels for Hopper only), on a machine without one: Triton ships ptxas. Run without
-TRITON_INTERPRET."""
+TRITON_INTERPRET.
+
+Each kernel is specialized as a launch specializes it (integer arguments equal to 1, 16-byte
+aligned pointers and multiples of 16): without that the loads do not vectorize, the software
+pipeliner leaves the K loops alone, and the code is not the code a GPU runs."""
+
+import json
+import re
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.runtime.jit import JITFunction
+from triton.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from inductor_moe.kernels import align, grouped_gemm, quantize, routing, unpermute
 from inductor_moe.ops import fp8
 from inductor_moe.ops.activations import Activation
 
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-          torch.int64: "i64", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 built = []
+# sm_90 grouped-GEMM builds: (kernel, FP8 mode, Hopper main-loop report)
+hopper_loops = []
+
+
+def compile_like_launch(kernel: JITFunction, target: GPUTarget, *args, **kwargs):
+    """``kernel`` compiled for ``target`` with the signature, constants and specialization a
+    launch with these arguments would give it (Triton's own binder)."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def main_loop(ttgir: str) -> dict:
+    """How a GEMM's K loop runs on Hopper, from its TTGIR: how many tiles it copies into shared
+    memory asynchronously (software-pipelined) and how many it loads into registers and waits for;
+    how many warpgroup MMAs it issues, and how many of them start from zero instead of accumulating
+    in place (a separate addition then waits for each)."""
+    start = ttgir.rindex("\n", 0, ttgir.index("scf.for")) + 1
+    indent = len(ttgir[start:]) - len(ttgir[start:].lstrip(" "))
+    loop = ttgir[start:ttgir.index("\n" + " " * indent + "}", start)]  # to the loop's closing brace
+    dots = re.findall(r"ttng.warp_group_dot (%[\w#]+), (%[\w#]+), (%[\w#]+)", loop)
+    return {"async_tiles": len(re.findall(r"ttg.async_copy_global_to_local [^\n]*tensor<\d+x\d+x", loop)),
+            "register_tiles": len(re.findall(r"= tt.load [^\n]*: tensor<\d+x\d+x", loop)),
+            "mma": len(dots), "mma_from_zero": sum(acc.startswith("%cst") for *_, acc in dots)}
 
 
 def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
-    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
-    values = dict(zip(kernel.arg_names, args)) | kwargs
-    signature, constexprs = {}, {}
-    for param in kernel.params:
-        value = values[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        else:
-            signature[param.name] = "i32" if isinstance(value, int) else "fp32"
+    fp8_mode = kwargs.get("FP8", 0)
+    e4m3 = fp8_mode or any(isinstance(arg, torch.Tensor) and arg.dtype == torch.float8_e4m3fn for arg in args)
     for target in TARGETS:
-        if ("*fp8e4nv" in signature.values() or constexprs.get("FP8")) and target.arch < 89:
+        if e4m3 and target.arch < 89:
             continue  # e4m3 needs Ada or Hopper
-        triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs), target=target, options=options)
+        compiled = compile_like_launch(kernel, target, *args, **kwargs)
+        if target.arch == 90 and "warp_group_dot" in compiled.asm["ttgir"]:
+            hopper_loops.append((kernel.fn.__name__, fp8_mode, main_loop(compiled.asm["ttgir"])))
     built.append(kernel.fn.__name__)
 
 
@@ -79,3 +103,5 @@ def compile_all() -> None:
                                  b_rows=rows, scale=torch.ones(tokens * k), fp8_rows=fp8.SEGMENT_ROWS[recipe],
                                  power_of_two=power_of_two)
     print(f"compiled {len(built)} kernel builds for {len(TARGETS)} targets: {sorted(set(built))}")
+    for name, fp8_mode, loop in hopper_loops:
+        print("sm_90 main loop:", json.dumps({"kernel": name, "fp8": fp8_mode, **loop}))
