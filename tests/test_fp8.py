@@ -289,6 +289,20 @@ def test_fp8_kernels_compute_the_emulated_recipe(recipe, weight_grad):
     assert kernels["grad_w1"][1].abs().max() == 0 and kernels["grad_w2"][1].abs().max() == 0
 
 
+def test_mx_steps_over_several_scale_blocks(monkeypatch):
+    """On a GPU an MX tile's K step (and a weight gradient's row step) covers several 32-element
+    scale blocks, each scale loaded once and broadcast over its block: with such tiles the
+    kernels still compute the emulated recipe."""
+    from inductor_moe.kernels import grouped_gemm
+
+    config = grouped_gemm._config
+    monkeypatch.setattr(grouped_gemm, "_config", lambda *a, **k: config(*a, **k) | dict(BLOCK_M=64, BLOCK_K=64))
+    operands = dict(zip(NAMES, make_experts(13, 136, 72, 3, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
+    kernels, emulation = kernel_and_emulation("mxfp8", operands, activation="swiglu", fp8_weight_grad=True)
+    for name in kernels:
+        assert accuracy.sqnr(kernels[name].cpu(), emulation[name]) > 40, name
+
+
 def test_weights_are_quantized_once_per_value(monkeypatch):
     from inductor_moe.kernels import quantize as kernel
     from inductor_moe.ops import triton_impl

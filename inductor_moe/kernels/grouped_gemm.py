@@ -75,10 +75,27 @@ def _scaled_dot(a, b, acc, a_scale, b_scale, FP8: tl.constexpr, DOT_F32: tl.cons
 
 
 @triton.jit
-def _dequantized(x, scale_ptrs, mask, FP8: tl.constexpr):
-    """``x``, or in DEQUANTIZE mode ``x * scale`` in bfloat16 (exact: the scales are powers of two)."""
+def _scale_blocks(start, size, BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """The blocks of BLOCK elements (along a reduced dim of ``size``) that the STEP elements from
+    ``start`` cover, and which of them exist."""
+    blocks = start // BLOCK + tl.arange(0, STEP // BLOCK)
+    return blocks, blocks * BLOCK < size
+
+
+@triton.jit
+def _dequantized(x, scale_ptrs, scale_mask, AXIS: tl.constexpr, FP8: tl.constexpr):
+    """``x``, or in DEQUANTIZE mode ``x`` times its scales in bfloat16 (exact: powers of two).
+    ``scale_ptrs``: one scale per block of x's elements along AXIS (the other dim whole), each
+    loaded once and broadcast in registers (a scale per element would copy 32x the bytes)."""
     if FP8 == 3:  # DEQUANTIZE
-        x = (x.to(tl.float32) * tl.load(scale_ptrs, mask=mask, other=0.0)).to(tl.bfloat16)
+        scales = tl.load(scale_ptrs, mask=scale_mask, other=0.0)
+        if AXIS == 0:
+            blocks: tl.constexpr = scale_ptrs.shape[0]
+            expanded = tl.broadcast_to(scales[:, None, :], (blocks, x.shape[0] // blocks, x.shape[1]))
+        else:
+            blocks: tl.constexpr = scale_ptrs.shape[1]
+            expanded = tl.broadcast_to(scales[:, :, None], (x.shape[0], blocks, x.shape[1] // blocks))
+        x = (x.to(tl.float32) * tl.reshape(expanded, x.shape)).to(tl.bfloat16)
     return x
 
 
@@ -95,6 +112,7 @@ def _gemm_kernel(
     ROUND_FIRST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
     expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if valid:
         rows = first + tl.arange(0, BLOCK_M)
@@ -115,10 +133,11 @@ def _gemm_kernel(
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_blocks = ks // SCALE_K
+            k_blocks, block_ok = _scale_blocks(k0, K, SCALE_K, BLOCK_K)
             a_mask = row_ok[:, None] & (ks < K)[None, :]
             a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
-            a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, a_mask, FP8)
+            a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, row_ok[:, None] & block_ok[None, :],
+                             1, FP8)
             if FP8 == 2:  # PER_K_BLOCK
                 a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
                 gate_scale = tl.load(gate_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
@@ -126,12 +145,13 @@ def _gemm_kernel(
             else:
                 a_scale, gate_scale, up_scale = 1.0, 1.0, 1.0
             b_mask = (ks < K)[:, None] & col_ok[None, :]
+            b_scale_mask = block_ok[:, None] & col_ok[None, :]
             b = tl.load(b_base + ks[:, None] * stride_bk + gate_cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-            b = _dequantized(b, gate_scales[None, :] + k_blocks[:, None] * stride_sbk, b_mask, FP8)
+            b = _dequantized(b, gate_scales[None, :] + k_blocks[:, None] * stride_sbk, b_scale_mask, 0, FP8)
             acc = _scaled_dot(a, b, acc, a_scale, gate_scale, FP8, DOT_F32, IEEE)
             if GATED:
                 b = tl.load(b_base + ks[:, None] * stride_bk + up_cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-                b = _dequantized(b, up_scales[None, :] + k_blocks[:, None] * stride_sbk, b_mask, FP8)
+                b = _dequantized(b, up_scales[None, :] + k_blocks[:, None] * stride_sbk, b_scale_mask, 0, FP8)
                 acc_up = _scaled_dot(a, b, acc_up, a_scale, up_scale, FP8, DOT_F32, IEEE)
         if FP8 == 1:  # PER_ROW
             a_scale = tl.load(a_scales, mask=row_ok, other=0.0)[:, None]
@@ -178,6 +198,7 @@ def _gemm_act_backward_kernel(
     B_SCALE_ROWS: tl.constexpr, SCALE_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
     expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if valid:
         rows = first + tl.arange(0, BLOCK_M)
@@ -191,13 +212,15 @@ def _gemm_act_backward_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_blocks = ks // SCALE_K
+            k_blocks, block_ok = _scale_blocks(k0, K, SCALE_K, BLOCK_K)
             a_mask = row_ok[:, None] & (ks < K)[None, :]
             a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
-            a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, a_mask, FP8)
+            a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, row_ok[:, None] & block_ok[None, :],
+                             1, FP8)
             b_mask = (ks < K)[:, None] & col_ok[None, :]
             b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-            b = _dequantized(b, b_scales[None, :] + k_blocks[:, None] * stride_sbk, b_mask, FP8)
+            b = _dequantized(b, b_scales[None, :] + k_blocks[:, None] * stride_sbk, block_ok[:, None] & col_ok[None, :],
+                             0, FP8)
             if FP8 == 2:  # PER_K_BLOCK
                 a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
                 b_scale = tl.load(b_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
@@ -238,6 +261,7 @@ def _weight_grad_kernel(
     FP8: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    tl.static_assert(FP8 != 2 or BLOCK_M == ROW_BLOCK, "blockwise FP8: a row step is one scale block")
     expert = tl.program_id(0)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -281,9 +305,12 @@ def _weight_grad_kernel(
                         other=0.0)
             b = tl.load(b_columns + segment_rows[:, None] * stride_bm + tile_ns[None, :] * stride_bn, mask=b_mask,
                         other=0.0)
-            blocks = first_block + segment_rows // ROW_BLOCK
-            a = _dequantized(a, a_scale_ptr + blocks[:, None] * stride_sam + ks[None, :] * stride_sak, a_mask, FP8)
-            b = _dequantized(b, b_scale_ptr + blocks[:, None] * stride_sbm + ns[None, :] * stride_sbn, b_mask, FP8)
+            blocks, block_ok = _scale_blocks(r0, count, ROW_BLOCK, BLOCK_M)
+            blocks += first_block
+            a = _dequantized(a, a_scale_ptr + blocks[:, None] * stride_sam + ks[None, :] * stride_sak,
+                             block_ok[:, None] & k_ok[None, :], 0, FP8)
+            b = _dequantized(b, b_scale_ptr + blocks[:, None] * stride_sbm + ns[None, :] * stride_sbn,
+                             block_ok[:, None] & n_ok[None, :], 0, FP8)
             if FP8 == 2:  # PER_K_BLOCK: BLOCK_M is the scale block
                 block = first_block + r0 // BLOCK_M
                 a_scale = tl.load(a_scale_ptr + block * stride_sam + ks * stride_sak, mask=k_ok, other=0.0)
@@ -308,7 +335,7 @@ def _config(n: int, k: int, fp8: bool = False, block_k: int | None = None, block
             forward: bool = False, gated: bool = False) -> dict:
     """Tile sizes: small under the interpreter; for Hopper-class GPUs otherwise (also correct on
     smaller ones). BLOCK_M is the rows per tile, or the rows per step of a weight gradient; FP8
-    scales may fix BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's row blocks).
+    scale blocks set the least BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's rows).
     ``forward``: ``gemm``'s tiles, from the H100 sweep of benchmarks/tune_gemm.py (results in
     benchmarks/results/h100_gemm_configs.json); the backward kernels keep the first configs."""
     if interpreting():
@@ -324,8 +351,9 @@ def _config(n: int, k: int, fp8: bool = False, block_k: int | None = None, block
     else:
         config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64 if k >= 64 else 32, num_warps=4,
                       num_stages=3)
-    config["BLOCK_K"] = block_k or config["BLOCK_K"]
-    config["BLOCK_M"] = block_m or config["BLOCK_M"]
+    # a step covers whole scale blocks (blockwise: one; the kernels assert it)
+    config["BLOCK_K"] = max(config["BLOCK_K"], block_k or 1)
+    config["BLOCK_M"] = max(config["BLOCK_M"], block_m or 1)
     return config
 
 
@@ -353,7 +381,7 @@ def _fp8_mode(a, b, reduced_block: int) -> int:
 
 
 def _operands(a, b):
-    """(a's values, b's values, FP8 kernel arguments, the BLOCK_K the scales fix) for plain or
+    """(a's values, b's values, FP8 kernel arguments, the K block of the scales) for plain or
     ``Quantized`` operands; the arguments: scale pointers, their strides, the FP8 constexprs."""
     if not isinstance(a, Quantized):
         return a, b, dict(pointers=(a, b), strides=(0,) * 5, FP8=NO_FP8, B_SCALE_ROWS=1, SCALE_K=1), None
@@ -362,7 +390,7 @@ def _operands(a, b):
     mode = _fp8_mode(a, b, block_k)
     arguments = dict(pointers=(a.scales, b.scales), strides=(*a.scales.stride(), *b.scales.stride()),
                      FP8=mode, B_SCALE_ROWS=b.block[0], SCALE_K=max(block_k, 1))
-    return a.values, b.values, arguments, block_k if mode == PER_K_BLOCK else None
+    return a.values, b.values, arguments, block_k or None
 
 
 def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=False, out_dtype=None, fp8_out=None):
@@ -449,7 +477,7 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         b = quantize_segments(b, offsets, starts, rows=b_rows, row_scale=scale, column_sums=bias_grad, **segments)
         a_rows = a_activation = b_rows = scale = bias_grad = None
     fp8 = _fp8_mode(a, b, fp8_rows)
-    config = _config(nd, kd, fp8 in (PER_ROW, PER_K_BLOCK), block_m=fp8_rows if fp8 == PER_K_BLOCK else None)
+    config = _config(nd, kd, fp8 in (PER_ROW, PER_K_BLOCK), block_m=fp8_rows)
     if fp8 == NO_FP8:
         scale_pointers, scale_strides = (a, b, offsets), (0,) * 4
     else:
