@@ -59,14 +59,18 @@ def timed(fn, flops: int) -> dict:
 
 
 def compiled_for_hopper(fn, flops: int) -> dict:
-    """ptxas's report on the last kernel that ``fn`` launches, compiled for sm_90 instead of run."""
+    """ptxas's report on the last kernel that ``fn`` launches, compiled for sm_90 instead of run,
+    its shared memory and how its K loop runs (tests/kernel_builds.py's ``main_loop``)."""
+    import kernel_builds
+
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # Triton prints ptxas's log (TRITON_DUMP_PTXAS_LOG)
         fn()
     entry = log.getvalue().rsplit("Compiling entry function", 1)[-1]
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)
     return {"registers": int(re.search(r"Used (\d+) registers", entry).group(1)),
-            "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2))}
+            "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
+            **kernel_builds.hopper_builds[-1][2]}
 
 
 def compile_instead_of_running() -> None:

@@ -21,8 +21,8 @@ from inductor_moe.ops.activations import Activation
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 built = []
-# sm_90 grouped-GEMM builds: (kernel, FP8 mode, Hopper main-loop report)
-hopper_loops = []
+# sm_90 builds: (kernel, FP8 mode, report: shared memory, and the K loop of a grouped GEMM)
+hopper_builds = []
 
 
 def compile_like_launch(kernel: JITFunction, target: GPUTarget, *args, **kwargs):
@@ -57,8 +57,10 @@ def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
         if e4m3 and target.arch < 89:
             continue  # e4m3 needs Ada or Hopper
         compiled = compile_like_launch(kernel, target, *args, **kwargs)
-        if target.arch == 90 and "warp_group_dot" in compiled.asm["ttgir"]:
-            hopper_loops.append((kernel.fn.__name__, fp8_mode, main_loop(compiled.asm["ttgir"])))
+        if target.arch == 90:
+            ttgir = compiled.asm["ttgir"]
+            report = {"shared_bytes": compiled.metadata.shared, **(main_loop(ttgir) if "warp_group_dot" in ttgir else {})}
+            hopper_builds.append((kernel.fn.__name__, fp8_mode, report))
     built.append(kernel.fn.__name__)
 
 
@@ -103,5 +105,5 @@ def compile_all() -> None:
                                  b_rows=rows, scale=torch.ones(tokens * k), fp8_rows=fp8.SEGMENT_ROWS[recipe],
                                  power_of_two=power_of_two)
     print(f"compiled {len(built)} kernel builds for {len(TARGETS)} targets: {sorted(set(built))}")
-    for name, fp8_mode, loop in hopper_loops:
-        print("sm_90 main loop:", json.dumps({"kernel": name, "fp8": fp8_mode, **loop}))
+    for name, fp8_mode, report in hopper_builds:
+        print("sm_90:", json.dumps({"kernel": name, "fp8": fp8_mode, **report}))
