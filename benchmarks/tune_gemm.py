@@ -1,15 +1,17 @@
-"""Tile-config sweep for the grouped GEMM (GPU): the up projection with fused gather and SwiGLU
-(storing H, as the experts op does), and the down projection, in bf16, FP8 rowwise and blockwise,
-and MXFP8 (tiles dequantized to bf16 in the kernel, so bf16's configs are its candidates), at two
-SonicMoE shapes. Prints each config's median and TFLOP/s; the best ones go into
-kernels/grouped_gemm.py's ``_config``.
+"""Tile-config sweep for the grouped GEMMs (GPU), each called as the experts op calls it: the up
+projection with fused gather and SwiGLU (storing H), the down projection, the backward's dH (its
+GEMM with the SwiGLU backward in the epilogue) and dW2 (the activation recomputed, the routing
+weights applied), in bf16, FP8 rowwise and blockwise, and MXFP8 (tiles dequantized to bf16 in the
+kernel, so bf16's configs are its candidates), at two SonicMoE shapes. Prints each config's
+median and TFLOP/s; the best ones go into kernels/grouped_gemm.py's ``_config``. ``--gemms`` and
+``--precisions`` pick a subset (a GPU command may run 10 minutes at most).
 
 Without a GPU, ``--ptxas`` compiles each config for Hopper (sm_90) instead and records what ptxas
-reports: registers and spilled bytes (tests/kernel_builds.py's compile hook). On the H100 the
-configs that spilled kilobytes were the slow ones (benchmarks/results/h100_gemm_configs.json
-against sm90_ptxas_gemm_configs.json).
+reports, registers and spilled bytes, with the shared memory and how the K loop runs
+(tests/kernel_builds.py). On the H100 the configs that spilled kilobytes were the slow ones
+(benchmarks/results/h100_gemm_configs.json against sm90_ptxas_gemm_configs.json).
 
-    python benchmarks/tune_gemm.py --json benchmarks/results/<device>_gemm_configs.json
+    python benchmarks/tune_gemm.py --gemms up down --json benchmarks/results/<device>_gemm_configs.json
     python benchmarks/tune_gemm.py --ptxas --json benchmarks/results/sm90_ptxas_gemm_configs.json
 """
 
@@ -26,6 +28,7 @@ import triton
 
 from inductor_moe import benchmark
 from inductor_moe.kernels import align, grouped_gemm
+from inductor_moe.ops import fp8
 from inductor_moe.ops.activations import Activation
 from inductor_moe.ops.triton_impl import activation_operand, epilogue_blocks, weight_operand
 
@@ -40,17 +43,22 @@ FP8 = [(128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4), (128,
 # name in the results -> (FP8 recipe, candidates); MX tiles are dequantized to bf16 in the kernel
 PRECISIONS = {"bf16": (None, BF16), "fp8 rowwise": ("rowwise", FP8), "fp8 blockwise": ("blockwise", FP8),
               "mxfp8": ("mxfp8", BF16)}
+# what each GEMM of the experts op is (SwiGLU): the names in the results
+GEMMS = {"up": "up + SwiGLU, H stored", "down": "down",
+         "dH": "dH: grad_out @ w2^T, SwiGLU backward", "dW2": "dW2: act(H)^T @ grad_out (scaled)"}
 
 
 def problem(tokens, d, n, experts, k, device):
-    """(x, w1, a, w2) in bf16, and the rows' sort."""
+    """(x, w1, a, w2, grad_out, h, scale) in bf16 (scale float32), and the rows' sort."""
     x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
     ids = torch.rand(tokens, experts, device=device).topk(k, dim=-1).indices.int()
     w1 = (torch.randn(experts, 2 * n, d, device=device, dtype=torch.bfloat16) * d**-0.5).transpose(1, 2)
     w2 = (torch.randn(experts, d, n, device=device, dtype=torch.bfloat16) * n**-0.5).transpose(1, 2)
     _, _, token_of_row, offsets = align.align(ids, experts)
     a = torch.randn(tokens * k, n, device=device, dtype=torch.bfloat16)
-    return (x, w1, a, w2), token_of_row, offsets
+    h = torch.randn(tokens * k, 2 * n, device=device, dtype=torch.bfloat16)
+    scale = torch.rand(tokens * k, device=device)
+    return (x, w1, a, w2, torch.randn_like(x), h, scale), token_of_row, offsets
 
 
 def timed(fn, flops: int) -> dict:
@@ -88,42 +96,54 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--ptxas", action="store_true", help="no GPU: compile for sm_90, record registers and spills")
+    parser.add_argument("--gemms", nargs="+", choices=GEMMS, default=GEMMS, help="a subset (one run may take long)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     args = parser.parse_args()
     if args.ptxas:
         compile_instead_of_running()
     measure, device = (compiled_for_hopper, "cpu") if args.ptxas else (timed, "cuda")
     rows = []
     original = grouped_gemm._config
+    swiglu = Activation("swiglu")
     # --ptxas: not the reports of the kernels that make the operands
     quiet = (lambda: contextlib.redirect_stdout(io.StringIO())) if args.ptxas else contextlib.nullcontext
     for tokens, d, n, experts, k in SHAPES:
         with quiet():
-            (x, w1, a, w2), token_of_row, offsets = problem(tokens, d, n, experts, k, device)
-        for precision, (recipe, configs) in PRECISIONS.items():
+            (x, w1, a, w2, grad_out, h, scale), token_of_row, offsets = problem(tokens, d, n, experts, k, device)
+        for precision in args.precisions:
+            recipe, configs = PRECISIONS[precision]
             with quiet():
                 # the operands as the experts op makes them; the up projection quantizes its output
                 # for the down projection as it does too (BLOCK_N at least the block)
                 x_op, w1_op = activation_operand(x, recipe), weight_operand(w1, recipe)
                 a_op, w2_op = activation_operand(a, recipe), weight_operand(w2, recipe)
+                grad_op, w2_t_op = activation_operand(grad_out, recipe), weight_operand(w2.transpose(1, 2), recipe)
+            weight_grad_fp8 = dict(fp8_rows=fp8.SEGMENT_ROWS[recipe], power_of_two=recipe == "mxfp8") if recipe else {}
+            gemms = {  # name -> (the call as the experts op makes it, FLOPs)
+                "up": (lambda: grouped_gemm.gemm(x_op, w1_op, offsets, a_rows=token_of_row, activation=swiglu,
+                                                 store_h=True, out_dtype=torch.bfloat16,
+                                                 fp8_out=epilogue_blocks(recipe)), 2 * tokens * k * d * 2 * n),
+                "down": (lambda: grouped_gemm.gemm(a_op, w2_op, offsets, out_dtype=torch.bfloat16),
+                         2 * tokens * k * d * n),
+                "dH": (lambda: grouped_gemm.gemm_act_backward(grad_op, token_of_row, w2_t_op, offsets, h, scale, swiglu),
+                       2 * tokens * k * d * n),
+                "dW2": (lambda: grouped_gemm.weight_grad(h, grad_out, offsets, torch.empty_like(w2.transpose(1, 2)),
+                                                         a_activation=swiglu, b_rows=token_of_row, scale=scale,
+                                                         **weight_grad_fp8), 2 * tokens * k * d * n),
+            }
             for bm, bn, bk, warps, stages in configs:
                 config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 grouped_gemm._config = lambda *_, config=config, **__: dict(config)
-                for name, fn, flops in (
-                    ("up + SwiGLU, H stored", lambda: grouped_gemm.gemm(
-                        x_op, w1_op, offsets, a_rows=token_of_row, activation=Activation("swiglu"), store_h=True,
-                        out_dtype=torch.bfloat16, fp8_out=epilogue_blocks(recipe)),
-                     2 * tokens * k * d * 2 * n),
-                    ("down", lambda: grouped_gemm.gemm(a_op, w2_op, offsets, out_dtype=torch.bfloat16),
-                     2 * tokens * k * d * n),
-                ):
+                for name in args.gemms:
+                    fn, flops = gemms[name]
                     try:
                         result = measure(fn, flops)
                     except Exception as error:  # e.g. out of shared memory: not a candidate
                         print(f"{precision} {config} {name}: {type(error).__name__}", flush=True)
                         continue
-                    rows.append({"shape": [tokens, d, n, experts, k], "precision": precision, "gemm": name,
+                    rows.append({"shape": [tokens, d, n, experts, k], "precision": precision, "gemm": GEMMS[name],
                                  "config": config, **result})
-                    print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:22} {bm:4} {bn:4} {bk:4} "
+                    print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:5} {bm:4} {bn:4} {bk:4} "
                           f"{warps:2} {stages:2}  " + "  ".join(f"{key} {value}" for key, value in result.items()),
                           flush=True)
             grouped_gemm._config = original

@@ -331,21 +331,32 @@ def _weight_grad_kernel(
 # --- launch -------------------------------------------------------------------------------------
 
 
-def _config(n: int, k: int, fp8: bool = False, block_k: int | None = None, block_m: int | None = None,
-            forward: bool = False, gated: bool = False) -> dict:
-    """Tile sizes: small under the interpreter; for Hopper-class GPUs otherwise (also correct on
-    smaller ones). BLOCK_M is the rows per tile, or the rows per step of a weight gradient; FP8
-    scale blocks set the least BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's rows).
-    ``forward``: ``gemm``'s tiles, from the H100 sweep of benchmarks/tune_gemm.py (results in
-    benchmarks/results/h100_gemm_configs.json); the backward kernels keep the first configs."""
+def _config(kernel: str, n: int, k: int, fp8: bool = False, block_k: int | None = None, block_m: int | None = None,
+            gated: bool = False) -> dict:
+    """Tile sizes of ``kernel`` ("gemm", "act_backward" or "weight_grad"): small under the
+    interpreter; for Hopper-class GPUs otherwise (also correct on smaller ones). BLOCK_M is the
+    rows per tile, or the rows per step of a weight gradient; FP8 scale blocks set the least
+    BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's rows). ``gemm``'s tiles come from
+    the H100 sweep of benchmarks/tune_gemm.py (benchmarks/results/h100_gemm_configs.json); on
+    that sweep the configs that spilled kilobytes of registers ran 2-5x slower, and sm_90 builds
+    show the spills without a GPU (tune_gemm.py --ptxas, sm90_ptxas_gemm_configs.json)."""
     if interpreting():
         config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-    elif forward and n >= 256 and not gated:
+    elif kernel == "gemm" and n >= 256 and not gated:
         config = dict(BLOCK_M=64 if fp8 else 128, BLOCK_N=256, BLOCK_K=128 if fp8 else 64, num_warps=8, num_stages=3)
-    elif forward and n >= 128:
-        # a gated epilogue loads two B tiles a step and converts two accumulators: wider tiles pass
-        # Hopper's 227 KB of shared memory when it also stores H (three stages; two lost a third)
+    elif kernel == "gemm" and fp8 and gated and n >= 256:
+        # the sweep's fastest blockwise up projection (262 and 248 TFLOP/s against 203 and 181 at
+        # 128 x 128, which spills 1.3 KB)
+        config = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3)
+    elif kernel == "gemm" and n >= 128:
+        # a gated epilogue loads two B tiles a step and converts two accumulators: wider bf16 tiles
+        # passed Hopper's 227 KB of shared memory when it also stored H (three stages; two lost a third)
         config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if fp8 else 64, num_warps=8, num_stages=3)
+    elif kernel == "act_backward":
+        # the epilogue holds H's gate and up, the activation and both gradients beside the
+        # accumulator: 8 warps keep them in registers (4 warps, or 128-row tiles, spill 0.3-1.6 KB)
+        config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=128 if fp8 else 64 if k >= 64 else 32,
+                      num_warps=8, num_stages=3)
     elif fp8:
         config = dict(BLOCK_M=128, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=128, num_warps=8, num_stages=3)
     else:
@@ -414,7 +425,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     c = a.new_empty(num_rows, n_out, dtype=torch.float8_e4m3fn if fp8_out else dtype)
     c_scales = a.new_empty(num_rows, triton.cdiv(n_out, c_block), dtype=torch.float32) if fp8_out else c
     h = a.new_empty(num_rows, n, dtype=dtype) if store_h else c
-    config = _config(n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k, forward=True, gated=gated)
+    config = _config("gemm", n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k, gated=gated)
     config["BLOCK_N"] = max(config["BLOCK_N"], c_block)  # powers of two: a multiple of the block
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
@@ -442,7 +453,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     a, b, fp8, block_k = _operands(a, b)
     num_rows = a_rows.shape[0]
     num_experts, k, n_out = b.shape
-    config = _config(n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k)
+    config = _config("act_backward", n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k)
     col_tiles = triton.cdiv(n_out, config["BLOCK_N"])
     grad_h = torch.empty_like(h)
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
@@ -477,7 +488,7 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         b = quantize_segments(b, offsets, starts, rows=b_rows, row_scale=scale, column_sums=bias_grad, **segments)
         a_rows = a_activation = b_rows = scale = bias_grad = None
     fp8 = _fp8_mode(a, b, fp8_rows)
-    config = _config(nd, kd, fp8 in (PER_ROW, PER_K_BLOCK), block_m=fp8_rows)
+    config = _config("weight_grad", nd, kd, fp8 in (PER_ROW, PER_K_BLOCK), block_m=fp8_rows)
     if fp8 == NO_FP8:
         scale_pointers, scale_strides = (a, b, offsets), (0,) * 4
     else:
