@@ -127,7 +127,7 @@ def main() -> None:
                          2 * tokens * k * d * n),
                 "dH": (lambda: grouped_gemm.gemm_act_backward(grad_op, token_of_row, w2_t_op, offsets, h, scale, swiglu),
                        2 * tokens * k * d * n),
-                "dW2": (lambda: grouped_gemm.weight_grad(h, grad_out, offsets, torch.empty_like(w2.transpose(1, 2)),
+                "dW2": (lambda: grouped_gemm.weight_grad(h, grad_out, offsets, torch.empty_like(w2),
                                                          a_activation=swiglu, b_rows=token_of_row, scale=scale,
                                                          **weight_grad_fp8), 2 * tokens * k * d * n),
             }
