@@ -148,7 +148,7 @@ def _quantize_segments_kernel(
     begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
     count = tl.load(offsets_ptr + expert) - begin
     first_block = tl.load(starts_ptr + expert)
-    padded = (tl.load(starts_ptr + expert + 1) - first_block) * ALIGN  # rows stored: zeros after count
+    padded = (tl.load(starts_ptr + expert + 1) - first_block) * ALIGN  # rows stored: zeros after count (masked loads)
     # q is [columns, padded rows]: a 64-bit base for the tile's first column, 32-bit offsets within it
     q_columns = q_ptr + (tl.program_id(1) * BLOCK_N).to(tl.int64) * stride_qn + first_block * ALIGN * stride_qm
     amax = tl.zeros((BLOCK_N,), tl.float32)
@@ -164,7 +164,7 @@ def _quantize_segments_kernel(
                                   alpha, limit, GATHER, ACT, GATED, INTERLEAVED, BLOCK_N)
             if ROW_SCALE:
                 x *= tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            x = tl.where(row_ok[:, None], x.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)  # as the GEMM takes it
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)  # the operand as the unquantized GEMM takes it
             if COLUMN_SUMS and scan == 0:
                 sums += tl.sum(x, axis=0)
             if WHOLE_SEGMENT and scan == 0:
