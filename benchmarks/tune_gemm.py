@@ -28,9 +28,8 @@ import triton
 
 from inductor_moe import benchmark
 from inductor_moe.kernels import align, grouped_gemm
-from inductor_moe.ops import fp8
 from inductor_moe.ops.activations import Activation
-from inductor_moe.ops.triton_impl import activation_operand, epilogue_blocks, weight_operand
+from inductor_moe.ops.triton_impl import activation_operand, epilogue_blocks, weight_grad_options, weight_operand
 
 SHAPES = [(32768, 4096, 1024, 64, 4), (24576, 1536, 256, 128, 8)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -118,7 +117,6 @@ def main() -> None:
                 x_op, w1_op = activation_operand(x, recipe), weight_operand(w1, recipe)
                 a_op, w2_op = activation_operand(a, recipe), weight_operand(w2, recipe)
                 grad_op, w2_t_op = activation_operand(grad_out, recipe), weight_operand(w2.transpose(1, 2), recipe)
-            weight_grad_fp8 = dict(fp8_rows=fp8.SEGMENT_ROWS[recipe], power_of_two=recipe == "mxfp8") if recipe else {}
             gemms = {  # name -> (the call as the experts op makes it, FLOPs)
                 "up": (lambda: grouped_gemm.gemm(x_op, w1_op, offsets, a_rows=token_of_row, activation=swiglu,
                                                  store_h=True, out_dtype=torch.bfloat16,
@@ -129,7 +127,7 @@ def main() -> None:
                        2 * tokens * k * d * n),
                 "dW2": (lambda: grouped_gemm.weight_grad(h, grad_out, offsets, torch.empty_like(w2),
                                                          a_activation=swiglu, b_rows=token_of_row, scale=scale,
-                                                         **weight_grad_fp8), 2 * tokens * k * d * n),
+                                                         **weight_grad_options(recipe)), 2 * tokens * k * d * n),
             }
             for bm, bn, bk, warps, stages in configs:
                 config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)

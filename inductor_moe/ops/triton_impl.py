@@ -48,6 +48,14 @@ def weight_operand(b: torch.Tensor, recipe: str | None):
     return cached[1]
 
 
+def weight_grad_options(recipe: str | None) -> dict:
+    """``grouped_gemm.weight_grad``'s FP8 arguments for the recipe: its operands quantized in the
+    recipe's blocks of each expert's rows (none for None)."""
+    if recipe is None:
+        return {}
+    return dict(fp8_rows=fp8.SEGMENT_ROWS[recipe], power_of_two=recipe == "mxfp8")
+
+
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
                   scale: float, group_fill: float):
     return routing.route(logits, k, renormalize or scoring == "softmax_of_topk", scoring == "sigmoid", bias,
@@ -95,9 +103,7 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
         grad_scale += (grad_out[token_of_row.long()].float() * b2[expert_of_row].float()).sum(dim=-1)
     grad_weights = grad_scale[inverse.long()].view(num_tokens, k).to(weights.dtype)
 
-    weight_grad_fp8 = {}
-    if fp8_recipe is not None and fp8_weight_grad:
-        weight_grad_fp8 = dict(fp8_rows=fp8.SEGMENT_ROWS[fp8_recipe], power_of_two=fp8_recipe == "mxfp8")
+    weight_grad_fp8 = weight_grad_options(fp8_recipe if fp8_weight_grad else None)
     grad_w2, grad_b2 = _like_storage(w2), None if b2 is None else torch.empty_like(b2)
     grouped_gemm.weight_grad(
         h, grad_out, offsets, grad_w2, a_activation=act, b_rows=token_of_row, scale=scale, bias_grad=grad_b2,
