@@ -90,14 +90,18 @@ def compile_all() -> None:
         unpermute.unpermute_reduce(torch.randn(tokens * k, hidden, dtype=dtype), rows, torch.rand(tokens, k), tokens, k)
         for block_rows, block_cols, power_of_two in ((1, 0, False), (1, 128, False), (128, 128, False), (1, 32, True)):
             quantize.quantize(x, block_rows, block_cols, power_of_two)
-    act = Activation("swiglu")
+    act, dtype = Activation("swiglu"), torch.bfloat16  # FP8 GEMMs as models call them: bf16 in and out
+    x = x.to(dtype)
     for recipe, ((a_rows, a_cols), (w_rows, w_cols)) in fp8.RECIPES.items():
         power_of_two = recipe == "mxfp8"
         w1 = torch.randn(experts, 2 * inner, hidden, dtype=dtype).transpose(1, 2)
         w1_q = quantize.quantize_weight(w1, w_rows, w_cols, power_of_two)
-        _, h = grouped_gemm.gemm(quantize.quantize(x, a_rows, a_cols, power_of_two), w1_q, offsets, a_rows=rows,
+        a, h = grouped_gemm.gemm(quantize.quantize(x, a_rows, a_cols, power_of_two), w1_q, offsets, a_rows=rows,
                                  activation=act, store_h=True, out_dtype=dtype,
                                  fp8_out=(a_cols, power_of_two) if a_cols else None)
+        a = a if a_cols else quantize.quantize(a, a_rows, a_cols, power_of_two)
+        w2 = torch.randn(experts, hidden, inner, dtype=dtype).transpose(1, 2)
+        grouped_gemm.gemm(a, quantize.quantize_weight(w2, w_rows, w_cols, power_of_two), offsets, out_dtype=dtype)
         w2_t = quantize.quantize_weight(torch.randn(experts, hidden, inner, dtype=dtype), w_rows, w_cols, power_of_two)
         grouped_gemm.gemm_act_backward(quantize.quantize(x, a_rows, a_cols, power_of_two), rows, w2_t, offsets, h,
                                        torch.ones(tokens * k), act)
