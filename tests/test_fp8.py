@@ -236,14 +236,20 @@ def test_segment_quantizer_is_bit_exact(recipe, prologue):
     torch.testing.assert_close(sums / column_scale, segment_sums / column_scale)
 
 
+@pytest.mark.parametrize("tile_cols", [None, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recipe", ["blockwise", "mxfp8"])
-def test_gemm_epilogue_quantizes_like_the_quantizer(recipe, dtype):
+def test_gemm_epilogue_quantizes_like_the_quantizer(recipe, dtype, tile_cols, monkeypatch):
     """The up projection's epilogue quantizes its activated output in the recipe's 1 x 128 / 1 x 32
     blocks: bit for bit what the quantizer makes of the output it would have written (a last
-    partial block, rows of an idle expert's neighbours, gathered rows)."""
+    partial block, rows of an idle expert's neighbours, gathered rows), also with tiles as wide as
+    a GPU's (several MX blocks a tile)."""
     from inductor_moe.kernels import align, grouped_gemm
     from inductor_moe.kernels import quantize as kernel
+
+    if tile_cols:
+        config = grouped_gemm._config
+        monkeypatch.setattr(grouped_gemm, "_config", lambda *a, **k: config(*a, **k) | dict(BLOCK_N=tile_cols))
 
     tokens, k, experts, hidden, inner = 21, 2, 4, 40, 200
     ids = torch.stack([torch.randperm(experts - 1)[:k] for _ in range(tokens)]).to(DEVICE)  # expert 3 idle

@@ -30,7 +30,7 @@ import triton.language as tl
 from . import interpreting
 from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward, load_operand_rows
 from .align import max_tiles, tile_starts
-from .quantize import SEGMENT_ALIGN, Quantized, quantize_segments, scale_of, segment_starts, to_e4m3
+from .quantize import SEGMENT_ALIGN, Quantized, quantize_blocks, quantize_segments, segment_starts
 
 NO_ACT = -1
 # FP8 modes: no scales; one scale per row of A and column of B, applied after the K loop; one per
@@ -178,9 +178,7 @@ def _gemm_kernel(
         c = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
         if C_BLOCK > 0:  # C in e4m3, 1 x C_BLOCK blocks of this tile's columns: the next GEMM's A
             out = tl.where(mask, out.to(C_ROUND).to(tl.float32), 0.0)  # the values the unfused path quantizes
-            blocks = tl.reshape(out, (BLOCK_M, BLOCK_N // C_BLOCK, C_BLOCK))
-            c_scale = scale_of(tl.max(tl.abs(blocks), axis=2), C_POW2)
-            out = tl.reshape(to_e4m3(blocks, c_scale[:, :, None], ROUND_FIRST), (BLOCK_M, BLOCK_N))
+            out, c_scale = quantize_blocks(out, C_BLOCK, False, C_POW2, ROUND_FIRST)
             scale_cols = tl.program_id(1) * (BLOCK_N // C_BLOCK) + tl.arange(0, BLOCK_N // C_BLOCK)
             tl.store(c_scale_ptr + rows[:, None].to(tl.int64) * stride_scm + scale_cols[None, :] * stride_sck, c_scale,
                      mask=row_ok[:, None] & (scale_cols * C_BLOCK < N_OUT)[None, :])

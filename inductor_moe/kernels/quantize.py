@@ -2,8 +2,8 @@
 ``BLOCK_ROWS x block_cols`` elements, bit for bit the recipes of ``ops/fp8.py`` (amax / 448, or a
 power of two read from amax's exponent bits for MX).
 
-One program per block: a first sweep over its columns takes the absolute maximum, a second
-scales, saturates and rounds (to nearest even) into e4m3. ``quantize_segments`` quantizes a weight
+A program quantizes a tile of several blocks in one pass (``quantize_blocks``, also the GEMM
+epilogue's), or a block as wide as a row in two sweeps (its maximum, then the values). ``quantize_segments`` quantizes a weight
 gradient's operands: rows sorted by expert, blocked along the rows within each expert's segment.
 """
 
@@ -67,57 +67,91 @@ def to_e4m3(x, scale, ROUND_FIRST: tl.constexpr):
 
 
 @triton.jit
+def quantize_blocks(x, BLOCK: tl.constexpr, SHARED: tl.constexpr, POW2: tl.constexpr, ROUND_FIRST: tl.constexpr):
+    """A float32 tile ``[R, C]`` quantized in blocks of BLOCK of its columns, each one row (or, if
+    SHARED, all R rows): (e4m3 values ``[R, C]``, scales ``[R or 1, C / BLOCK]``)."""
+    blocks = tl.reshape(x, (x.shape[0], x.shape[1] // BLOCK, BLOCK))
+    amax = tl.max(tl.abs(blocks), axis=2)
+    if SHARED:
+        amax = tl.max(amax, axis=0, keep_dims=True)
+    scales = scale_of(amax, POW2)
+    return tl.reshape(to_e4m3(blocks, scales[:, :, None], ROUND_FIRST), x.shape), scales
+
+
+@triton.jit
 def _quantize_kernel(
-    x_ptr, q_ptr, scale_ptr, M, K, block_cols,
+    x_ptr, q_ptr, scale_ptr, M, K,
     stride_xb, stride_xm, stride_xk, stride_qb, stride_qm, stride_qk, stride_sb, stride_sm, stride_sk,
-    ROWS: tl.constexpr, SHARED: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr, ROUND_FIRST: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, SHARED: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr,
+    ROUND_FIRST: tl.constexpr,
 ):
-    """One program: ROWS rows of one column block; SHARED: they are one block with one scale, else
-    each row is a block of its own."""
+    """One program: ROWS rows (SHARED: they share their blocks' scales, else each row has its own),
+    and CHUNK columns holding CHUNK / BLOCK_COLS blocks, quantized in one pass; BLOCK_COLS 0: a
+    block is a whole row, swept twice (its maximum, then the values) CHUNK columns at a time."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    start = tl.program_id(1) * block_cols
-    end = tl.minimum(start + block_cols, K)
+    row_ok = rows < M
     batch = tl.program_id(2).to(tl.int64)
     x_rows = x_ptr + batch * stride_xb + rows[:, None].to(tl.int64) * stride_xm
     q_rows = q_ptr + batch * stride_qb + rows[:, None].to(tl.int64) * stride_qm
-    row_ok = rows < M
-    amax = tl.zeros((ROWS, CHUNK), tl.float32)
-    for c in range(start, end, CHUNK):
-        cols = c + tl.arange(0, CHUNK)
-        mask = row_ok[:, None] & (cols < end)[None, :]
+    scales = scale_ptr + batch * stride_sb
+    if BLOCK_COLS > 0:
+        cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+        mask = row_ok[:, None] & (cols < K)[None, :]
         x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    amax = tl.max(amax, axis=1)
-    if SHARED:
-        amax = tl.max(amax, axis=0)
-    scale = scale_of(amax, POW2)
-    for c in range(start, end, CHUNK):
-        cols = c + tl.arange(0, CHUNK)
-        mask = row_ok[:, None] & (cols < end)[None, :]
-        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0)
-        q = to_e4m3(x, scale if SHARED else scale[:, None], ROUND_FIRST)
+        q, scale = quantize_blocks(x.to(tl.float32), BLOCK_COLS, SHARED, POW2, ROUND_FIRST)
         tl.store(q_rows + cols[None, :] * stride_qk, q, mask=mask)
-    scales = scale_ptr + batch * stride_sb + tl.program_id(1) * stride_sk
-    if SHARED:
-        tl.store(scales + tl.program_id(0) * stride_sm, scale)
+        blocks = tl.program_id(1) * (CHUNK // BLOCK_COLS) + tl.arange(0, CHUNK // BLOCK_COLS)
+        block_ok = (blocks * BLOCK_COLS < K)[None, :]
+        if SHARED:
+            tl.store(scales + tl.program_id(0) * stride_sm + blocks[None, :] * stride_sk, scale, mask=block_ok)
+        else:
+            tl.store(scales + rows[:, None] * stride_sm + blocks[None, :] * stride_sk, scale,
+                     mask=row_ok[:, None] & block_ok)
     else:
-        tl.store(scales + rows * stride_sm, scale, mask=row_ok)
+        amax = tl.zeros((ROWS, CHUNK), tl.float32)
+        for c in range(0, K, CHUNK):
+            cols = c + tl.arange(0, CHUNK)
+            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        amax = tl.max(amax, axis=1)
+        if SHARED:
+            amax = tl.max(amax, axis=0)
+        scale = scale_of(amax, POW2)
+        for c in range(0, K, CHUNK):
+            cols = c + tl.arange(0, CHUNK)
+            mask = row_ok[:, None] & (cols < K)[None, :]
+            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0)
+            tl.store(q_rows + cols[None, :] * stride_qk, to_e4m3(x, scale if SHARED else scale[:, None], ROUND_FIRST),
+                     mask=mask)
+        if SHARED:
+            tl.store(scales + tl.program_id(0) * stride_sm, scale)
+        else:
+            tl.store(scales + rows * stride_sm, scale, mask=row_ok)
 
 
 def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bool = False) -> Quantized:
     """``x`` ``[M, K]`` or ``[B, M, K]`` (any strides) in blocks of ``block_rows x block_cols`` (0:
-    the whole dim): values e4m3 and contiguous, scales ``[..., ceil(M/rows), ceil(K/cols)]``."""
+    the whole dim; powers of two otherwise): values e4m3 and contiguous, scales
+    ``[..., ceil(M/rows), ceil(K/cols)]``."""
     batched = x if x.dim() == 3 else x.unsqueeze(0)
     batch, m, k = batched.shape
-    rows, cols = block_rows or m, block_cols or k
-    torch._check(rows & (rows - 1) == 0, lambda: f"block rows must be a power of two, got {rows}")
+    rows = block_rows or m
+    for size in (rows, block_cols):
+        torch._check(size & (size - 1) == 0, lambda: f"FP8 blocks: sizes must be powers of two or 0, got {size}")
     q = torch.empty(batched.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(batch, triton.cdiv(m, rows), triton.cdiv(k, cols), dtype=torch.float32, device=x.device)
-    chunk = min(triton.next_power_of_2(cols), 32 if interpreting() else 128)
-    rows_per_program = rows if rows > 1 else 16 if interpreting() else 8  # blocks of one row: several a program
-    _quantize_kernel[(triton.cdiv(m, rows_per_program), scales.shape[2], batch)](
-        batched, q, scales, m, k, cols, *batched.stride(), *q.stride(), *scales.stride(),
-        ROWS=rows_per_program, SHARED=rows > 1, CHUNK=chunk, POW2=power_of_two, ROUND_FIRST=interpreting(),
+    scales = torch.empty(batch, triton.cdiv(m, rows), triton.cdiv(k, block_cols or k), dtype=torch.float32,
+                         device=x.device)
+    chunk = max(block_cols, 64 if interpreting() else 128)  # MX: several blocks a row, also under the interpreter
+    if rows > 1:
+        rows_per_program = rows  # one shared block
+    elif block_cols:
+        rows_per_program = max(4096 // chunk, 1)  # a tile of 4K elements
+    else:
+        rows_per_program = 16 if interpreting() else 8  # whole rows: 8 x K elements, enough programs for few rows
+    _quantize_kernel[(triton.cdiv(m, rows_per_program), triton.cdiv(k, chunk) if block_cols else 1, batch)](
+        batched, q, scales, m, k, *batched.stride(), *q.stride(), *scales.stride(),
+        ROWS=rows_per_program, BLOCK_COLS=block_cols, SHARED=rows > 1, CHUNK=chunk, POW2=power_of_two,
+        ROUND_FIRST=interpreting(), num_warps=8 if rows_per_program * chunk > 4096 else 4,
     )
     if x.dim() == 2:
         q, scales = q[0], scales[0]
