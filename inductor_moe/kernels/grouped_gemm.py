@@ -40,9 +40,12 @@ NO_FP8, PER_ROW, PER_K_BLOCK, DEQUANTIZE = 0, 1, 2, 3
 
 
 @triton.jit
-def _tile(tiles_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(expert, first row, end row, valid) of this program's tile."""
-    tile = tl.program_id(0)
+def _tile(tiles_ptr, offsets_ptr, E, col_tiles, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, end row, valid, column tile) of this program's tile. A row tile's
+    column tiles are consecutive programs, so they run together and read its A rows (gathered
+    from anywhere in A) from L2, not each from memory; the expert's B stays in L2 over its row
+    tiles. (Column tiles outermost re-read all of A from memory once per column tile.)"""
+    tile = tl.program_id(0) // col_tiles
     experts = tl.arange(0, BLOCK_E)
     starts = tl.load(tiles_ptr + experts, mask=experts < E, other=2**30)
     expert = tl.sum((starts <= tile).to(tl.int32), axis=0) - 1  # experts without rows share a start
@@ -50,7 +53,7 @@ def _tile(tiles_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexp
     expert = tl.minimum(expert, E - 1)
     begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
     first = begin + (tile - tl.load(tiles_ptr + expert)) * BLOCK_M
-    return expert, first, tl.load(offsets_ptr + expert), valid
+    return expert, first, tl.load(offsets_ptr + expert), valid, tl.program_id(0) % col_tiles
 
 
 @triton.jit
@@ -113,12 +116,12 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
-    expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E)
     if valid:
         rows = first + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0) if GATHER else rows
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N_OUT
         # gate columns (or all columns), and up columns of a gated activation
         gate_cols = 2 * cols if INTERLEAVED else cols
@@ -179,7 +182,7 @@ def _gemm_kernel(
         if C_BLOCK > 0:  # C in e4m3, 1 x C_BLOCK blocks of this tile's columns: the next GEMM's A
             out = tl.where(mask, out.to(C_ROUND).to(tl.float32), 0.0)  # the values the unfused path quantizes
             out, c_scale = quantize_blocks(out, C_BLOCK, False, C_POW2, ROUND_FIRST)
-            scale_cols = tl.program_id(1) * (BLOCK_N // C_BLOCK) + tl.arange(0, BLOCK_N // C_BLOCK)
+            scale_cols = col_tile * (BLOCK_N // C_BLOCK) + tl.arange(0, BLOCK_N // C_BLOCK)
             tl.store(c_scale_ptr + rows[:, None].to(tl.int64) * stride_scm + scale_cols[None, :] * stride_sck, c_scale,
                      mask=row_ok[:, None] & (scale_cols * C_BLOCK < N_OUT)[None, :])
         tl.store(c, out.to(c_ptr.dtype.element_ty), mask=mask)
@@ -197,12 +200,12 @@ def _gemm_act_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
-    expert, first, end, valid = _tile(tiles_ptr, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E)
     if valid:
         rows = first + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N_OUT
         b_base = b_ptr + expert.to(tl.int64) * stride_be
         a_scales = a_scale_ptr + a_rows * stride_sam
@@ -245,7 +248,7 @@ def _gemm_act_backward_kernel(
         tl.store(g_rows + gate_cols[None, :] * stride_gn, grad_gate.to(grad_h_ptr.dtype.element_ty), mask=mask)
         # <d out / d expert output, expert output> for this tile's columns: the routing-weight gradient
         partial = tl.sum(tl.where(mask, acc * activated, 0.0), axis=1)
-        tl.store(partial_ptr + rows * stride_pm + tl.program_id(1), partial, mask=row_ok)
+        tl.store(partial_ptr + rows * stride_pm + col_tile, partial, mask=row_ok)
 
 
 @triton.jit
@@ -260,9 +263,10 @@ def _weight_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(FP8 != 2 or BLOCK_M == ROW_BLOCK, "blockwise FP8: a row step is one scale block")
-    expert = tl.program_id(0)
+    # an expert's tiles are consecutive programs: they share its rows of A and B through L2
+    expert = tl.program_id(2)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = ks < KD
     n_ok = ns < ND
     begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
@@ -277,7 +281,7 @@ def _weight_grad_kernel(
         tile_ks, tile_ns = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
         first_row = first_block * ROW_BLOCK
         a_columns = a_ptr + (tl.program_id(1) * BLOCK_K).to(tl.int64) * stride_ak + first_row * stride_am
-        b_columns = b_ptr + (tl.program_id(2) * BLOCK_N).to(tl.int64) * stride_bn + first_row * stride_bm
+        b_columns = b_ptr + (tl.program_id(0) * BLOCK_N).to(tl.int64) * stride_bn + first_row * stride_bm
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     column_sums = tl.zeros((BLOCK_N,), tl.float32)
     for r0 in range(0, count, BLOCK_M):
@@ -290,7 +294,7 @@ def _weight_grad_kernel(
             a = load_operand_rows(a_ptr, a_rows_ptr, rows, row_ok, tl.program_id(1) * BLOCK_K, KD, stride_am,
                                   stride_ak, alpha, limit, A_GATHER, A_ACT, GATED, INTERLEAVED, BLOCK_K)
             a = a.to(b_ptr.dtype.element_ty)
-            b = load_operand_rows(b_ptr, b_rows_ptr, rows, row_ok, tl.program_id(2) * BLOCK_N, ND, stride_bm,
+            b = load_operand_rows(b_ptr, b_rows_ptr, rows, row_ok, tl.program_id(0) * BLOCK_N, ND, stride_bm,
                                   stride_bn, alpha, limit, B_GATHER, -1, False, False, BLOCK_N)
             if B_SCALE:
                 b *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -426,7 +430,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     config = _config("gemm", n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k, gated=gated)
     config["BLOCK_N"] = max(config["BLOCK_N"], c_block)  # powers of two: a multiple of the block
     tiles = tile_starts(offsets, config["BLOCK_M"])
-    grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"]))
+    grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * triton.cdiv(n_out, config["BLOCK_N"]),)
     _gemm_kernel[grid](
         a, a_rows if a_rows is not None else offsets, b, c, h, bias if bias is not None else b, tiles, offsets,
         *fp8["pointers"], c_scales, n_out, k, num_experts,
@@ -456,7 +460,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     grad_h = torch.empty_like(h)
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
     tiles = tile_starts(offsets, config["BLOCK_M"])
-    grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]), col_tiles)
+    grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * col_tiles,)
     _gemm_act_backward_kernel[grid](
         a, a_rows, b, h, scale, grad_h, partial, tiles, offsets, *fp8["pointers"],
         n_out, k, num_experts,
@@ -492,7 +496,7 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
     else:
         scale_pointers, scale_strides = (a.scales, b.scales, starts), (*a.scales.stride(), *b.scales.stride())
         a, b = a.values, b.values
-    grid = (num_experts, triton.cdiv(kd, config["BLOCK_K"]), triton.cdiv(nd, config["BLOCK_N"]))
+    grid = (triton.cdiv(nd, config["BLOCK_N"]), triton.cdiv(kd, config["BLOCK_K"]), num_experts)
     gated = a_activation is not None and a_activation.gated
     _weight_grad_kernel[grid](
         a, a_rows if a_rows is not None else offsets, b, b_rows if b_rows is not None else offsets,
