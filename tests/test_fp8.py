@@ -327,3 +327,22 @@ def test_weights_are_quantized_once_per_value(monkeypatch):
         w2.mul_(2)  # an optimizer step: a new value, a new quantization
         assert accuracy.sqnr(run()[0], 2 * first) > 40 and len(calls) == 3
     assert w1._base in triton_impl._QUANTIZED_WEIGHTS
+
+
+def test_cuda_graph_captures_quantize_their_weights(monkeypatch):
+    """A CUDA graph replays its kernels without the cache's version check: one captured reading a
+    cached copy would keep multiplying the old weight after an optimizer step. Under capture the
+    weight is quantized inside the graph, and the cache is neither read nor written."""
+    from inductor_moe.kernels import quantize as kernel
+    from inductor_moe.ops import triton_impl
+
+    calls = []
+    original = kernel.quantize_weight
+    monkeypatch.setattr(kernel, "quantize_weight", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    w = torch.randn(2, 64, 32, device=DEVICE)
+    cached = triton_impl.weight_operand(w, "blockwise")
+    monkeypatch.setattr(triton_impl, "_capturing", lambda tensor: True)
+    captured = [triton_impl.weight_operand(w, "blockwise") for _ in range(2)]
+    assert len(calls) == 3 and all(q.values is not cached.values for q in captured)
+    assert torch.equal(captured[0].values.view(torch.uint8), cached.values.view(torch.uint8))
+    assert triton_impl._QUANTIZED_WEIGHTS[w][(w.shape, w.stride(), 0, "blockwise")][1] is cached

@@ -33,16 +33,24 @@ def epilogue_blocks(recipe: str | None):
     return (cols, recipe == "mxfp8") if cols else None
 
 
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (for ``tensor``'s device)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def weight_operand(b: torch.Tensor, recipe: str | None):
     """A GEMM's B operand ``[E, K, N]`` as the kernels take it: b, or b quantized in the recipe's
-    weight blocks, cached until the weight changes (its version counter moves)."""
+    weight blocks, cached until the weight changes (its version counter moves). Not cached into a
+    CUDA graph: its replays skip this check, so they quantize the weight themselves."""
     if recipe is None:
         return b
+    rows, cols = fp8.RECIPES[recipe][1]
+    if _capturing(b):
+        return quantize.quantize_weight(b, rows, cols, recipe == "mxfp8")
     root = b if b._base is None else b._base
     key = (b.shape, b.stride(), b.storage_offset(), recipe)
     cached = _QUANTIZED_WEIGHTS.setdefault(root, {}).get(key)
     if cached is None or cached[0] != b._version:
-        rows, cols = fp8.RECIPES[recipe][1]
         cached = b._version, quantize.quantize_weight(b, rows, cols, recipe == "mxfp8")
         _QUANTIZED_WEIGHTS[root][key] = cached
     return cached[1]
