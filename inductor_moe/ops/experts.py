@@ -91,12 +91,14 @@ def _check_bias(name: str, bias: Tensor | None, shape: tuple) -> None:
 
 
 def _check_ids_in_range(ids: Tensor, num_experts: int) -> None:
-    # A data check: on CPU a memory read; the CUDA kernels will check on the device instead.
-    if ids.numel() and (ids.min() < 0 or ids.max() >= num_experts):
-        raise ValueError(
-            f"inductor_moe.experts: expert ids must lie in [0, {num_experts}), "
-            f"got values in [{int(ids.min())}, {int(ids.max())}]"
-        )
+    """Ids out of range would index past the kernels' per-expert tables. On CPU reading them is a
+    memory read: a ValueError naming them. On a GPU reading them would wait for it and break CUDA
+    graph capture: an asynchronous device-side assertion, as torch's own indexing makes."""
+    message = f"inductor_moe.experts: expert ids must lie in [0, {num_experts})"
+    if ids.device.type != "cpu":
+        torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), message)
+    elif ids.numel() and (ids.min() < 0 or ids.max() >= num_experts):
+        raise ValueError(f"{message}, got values in [{int(ids.min())}, {int(ids.max())}]")
 
 
 @torch.library.custom_op("inductor_moe::experts", mutates_args=())
