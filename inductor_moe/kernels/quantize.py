@@ -3,8 +3,9 @@
 power of two read from amax's exponent bits for MX).
 
 A program quantizes a tile of several blocks in one pass (``quantize_blocks``, also the GEMM
-epilogue's), or a block as wide as a row in two sweeps (its maximum, then the values). ``quantize_segments`` quantizes a weight
-gradient's operands: rows sorted by expert, blocked along the rows within each expert's segment.
+epilogue's), or blocks as wide as a row in two sweeps (their maximum, then the values).
+``quantize_segments`` quantizes a weight gradient's operands: rows sorted by expert, blocked
+along the rows within each expert's segment.
 """
 
 from typing import NamedTuple
