@@ -21,7 +21,8 @@ from inductor_moe.ops.activations import Activation
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 built = []
-# sm_90 builds: (kernel, FP8 mode, report: shared memory, and the K loop of a grouped GEMM)
+# sm_90 builds: (kernel, FP8 mode, report: shared memory, the narrowest global load, and the K loop
+# of a grouped GEMM)
 hopper_builds = []
 
 
@@ -50,6 +51,12 @@ def main_loop(ttgir: str) -> dict:
             "mma": len(dots), "mma_from_zero": sum(acc.startswith("%cst") for *_, acc in dots)}
 
 
+def narrowest_load_bytes(ptx: str) -> int:
+    """The fewest bytes any global load of the kernel reads per thread (16: all are 16-byte vectors)."""
+    loads = re.findall(r"ld\.global[.\w:]*?(?:\.v(\d))?\.[bfsu](\d+) ", ptx)
+    return min((int(vector or 1) * int(bits) // 8 for vector, bits in loads), default=0)
+
+
 def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
     fp8_mode = kwargs.get("FP8", 0)
     e4m3 = fp8_mode or any(isinstance(arg, torch.Tensor) and arg.dtype == torch.float8_e4m3fn for arg in args)
@@ -59,7 +66,8 @@ def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
         compiled = compile_like_launch(kernel, target, *args, **kwargs)
         if target.arch == 90:
             ttgir = compiled.asm["ttgir"]
-            report = {"shared_bytes": compiled.metadata.shared, **(main_loop(ttgir) if "warp_group_dot" in ttgir else {})}
+            report = {"shared_bytes": compiled.metadata.shared, "load_bytes": narrowest_load_bytes(compiled.asm["ptx"]),
+                      **(main_loop(ttgir) if "warp_group_dot" in ttgir else {})}
             hopper_builds.append((kernel.fn.__name__, fp8_mode, report))
     built.append(kernel.fn.__name__)
 
