@@ -192,12 +192,41 @@ def run(styles: list[str], args) -> list[dict]:
     return all_rows
 
 
+def bf16_matmul_emulated() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices far slower than float32 ones: without AVX-512
+    or AMX torch emulates bfloat16 (~1 GFLOP/s on two AVX2 cores, ~100 in float32)."""
+    a = torch.randn(256, 256)
+    b = a.bfloat16()
+    medians = _interleaved({"bfloat16": lambda: b @ b, "float32": lambda: a @ a}, 1, lambda: None)
+    return medians["bfloat16"] > 4 * medians["float32"]
+
+
+def main_defaults(dtype: str | None, style: str | None, bf16_emulated=bf16_matmul_emulated) -> tuple[str, str]:
+    """The main job's dtype and block where not given: bfloat16 and the hand-written grouped-GEMM
+    block; where bfloat16 is emulated, float32 and the per-expert loop (torch.compile takes the
+    block's torch._grouped_mm in bfloat16 only)."""
+    if dtype is None:
+        dtype = "float32" if bf16_emulated() else "bfloat16"
+        if dtype == "float32":
+            print("bfloat16 matmuls are emulated on this CPU (no AVX-512 or AMX): float32 and the dense_loop block")
+    style = style or ("sorted_grouped_mm" if dtype == "bfloat16" else "dense_loop")
+    if style == "sorted_grouped_mm" and dtype != "bfloat16":
+        raise ValueError(f"--style {style} needs --dtype bfloat16: torch.compile takes torch._grouped_mm in bfloat16 only")
+    return dtype, style
+
+
 def main() -> None:
     p = parser("Compile a built-in MoE block eagerly, with torch.compile and with torch.compile + "
                "inductor_moe; print what was rewritten and the throughput of each.")
-    p.add_argument("--style", default="sorted_grouped_mm", help=f"one of {sorted(models.STYLES)}, or "
-                   f"<family>_<grouped_mm|batched_mm|eager> for a transformers family in {sorted(models.FAMILIES)}")
+    p.add_argument("--style", help=f"one of {sorted(models.STYLES)} (default sorted_grouped_mm, dense_loop in "
+                   f"float32), or <family>_<grouped_mm|batched_mm|eager> for a transformers family in "
+                   f"{sorted(models.FAMILIES)}")
+    p.set_defaults(dtype=None)  # bfloat16 where this CPU multiplies it natively, else float32
     args = p.parse_args()
+    try:
+        args.dtype, args.style = main_defaults(args.dtype, args.style)
+    except ValueError as error:
+        p.error(str(error))
     logging.basicConfig(format="%(message)s")
     logging.getLogger("inductor_moe").setLevel(logging.INFO)
     run([args.style], args)
