@@ -108,9 +108,10 @@ def compile_all() -> None:
                                  activation=act, store_h=True, out_dtype=dtype,
                                  fp8_out=(a_cols, power_of_two) if a_cols else None)
         a = a if a_cols else quantize.quantize(a, a_rows, a_cols, power_of_two)
-        w2 = torch.randn(experts, hidden, inner, dtype=dtype).transpose(1, 2)
-        grouped_gemm.gemm(a, quantize.quantize_weight(w2, w_rows, w_cols, power_of_two), offsets, out_dtype=dtype)
-        w2_t = quantize.quantize_weight(torch.randn(experts, hidden, inner, dtype=dtype), w_rows, w_cols, power_of_two)
+        w2 = torch.randn(experts, hidden, inner, dtype=dtype)  # [E, out, in] storage: the backward's B
+        grouped_gemm.gemm(a, quantize.quantize_weight(w2.transpose(1, 2), w_rows, w_cols, power_of_two), offsets,
+                          out_dtype=dtype)
+        w2_t = quantize.quantize_weight(w2, w_rows, w_cols, power_of_two)
         grouped_gemm.gemm_act_backward(quantize.quantize(x, a_rows, a_cols, power_of_two), rows, w2_t, offsets, h,
                                        torch.ones(tokens * k), act)
         grouped_gemm.weight_grad(h, x, offsets, torch.empty(experts, inner, hidden, dtype=dtype), a_activation=act,

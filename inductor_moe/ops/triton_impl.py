@@ -45,13 +45,14 @@ def weight_operand(b: torch.Tensor, recipe: str | None):
     if recipe is None:
         return b
     rows, cols = fp8.RECIPES[recipe][1]
+    quantized = lambda: quantize.quantize_weight(b, rows, cols, recipe == "mxfp8")  # noqa: E731
     if _capturing(b):
-        return quantize.quantize_weight(b, rows, cols, recipe == "mxfp8")
+        return quantized()
     root = b if b._base is None else b._base
     key = (b.shape, b.stride(), b.storage_offset(), recipe)
     cached = _QUANTIZED_WEIGHTS.setdefault(root, {}).get(key)
     if cached is None or cached[0] != b._version:
-        cached = b._version, quantize.quantize_weight(b, rows, cols, recipe == "mxfp8")
+        cached = b._version, quantized()
         _QUANTIZED_WEIGHTS[root][key] = cached
     return cached[1]
 
