@@ -161,6 +161,7 @@ STYLES = {
     "dense_loop": DenseLoop,
     "masked_loop": MaskedLoop,
 }
+BFLOAT16_ONLY = {"sorted_grouped_mm"}  # torch.compile takes torch._grouped_mm in bfloat16 only
 
 
 @dataclasses.dataclass(frozen=True)
