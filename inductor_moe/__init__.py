@@ -9,8 +9,6 @@ counts in ``torch._dynamo.utils.counters["inductor_moe"]`` and is logged (logger
 ``TORCH_LOGS=inductor_moe``); ``inductor_moe.explain(model, *inputs)`` reports every decision.
 """
 
-import os
-
 import torch._logging._internal
 
 from . import config, lowerings, ops  # noqa: F401
@@ -19,9 +17,9 @@ from .passes import install
 
 install()
 
-# TORCH_LOGS=inductor_moe shows every decision, formatted like Inductor's own logs
+# TORCH_LOGS=inductor_moe shows every decision, formatted like Inductor's own logs. torch parses
+# TORCH_LOGS as it is imported and imports a package it names (this one) to log it; parsing again
+# here would give every torch logger a second handler, and every log line twice.
 torch._logging._internal.register_log("inductor_moe", "inductor_moe")
-if "TORCH_LOGS" in os.environ:
-    torch._logging._internal._init_logs()  # torch parsed TORCH_LOGS before this name existed
 
 __all__ = ["config", "explain", "install"]
