@@ -18,6 +18,7 @@ from . import config, transformers_experts
 from .lowerings.cpu import decompose
 from .patterns.graph_pass import rewrite_moe
 
+
 def _passes_of(value) -> tuple:
     """The passes a pass setting holds: None, one pass, or (torch >= 2.12) a list of them."""
     if value is None:

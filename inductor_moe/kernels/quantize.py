@@ -40,7 +40,9 @@ def _round_to_e4m3(v):
     exponent = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: 2**-6's ulp
     ulp = tl.exp2((exponent - 3).to(tl.float32))
     rounded = ((a / ulp + 8388608.0) - 8388608.0) * ulp  # adding 2**23 rounds to an integer, half to even
-    return tl.where(v.to(tl.int32, bitcast=True) < 0, -rounded, rounded)  # the sign bit: -0.0 stays -0.0
+    # v's sign bit, so that -0.0 stays -0.0 (Triton 3.6's interpreter negates 0.0 to 0.0)
+    sign = v.to(tl.int32, bitcast=True) & -2147483648
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
