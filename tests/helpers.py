@@ -9,6 +9,7 @@ import re
 import torch
 from torch._dynamo.utils import counters
 
+import inductor_moe
 from inductor_moe.patterns.graph_pass import rewrite_moe
 
 # Error allowed against a reference, by dtype: relative in the 2-norm, plus an absolute floor per
@@ -92,7 +93,9 @@ def assert_matches_eager(model, compiled, x: torch.Tensor) -> None:
 
     Below float32 both are held against a float32 run of the same model: the compiled error may
     be 4x eager's own, since ill-conditioned values (a router gradient through the
-    renormalisation, say) carry a large low-precision error in eager too.
+    renormalisation, say) carry a large low-precision error in eager too. Where it is more, the
+    value is compared with stock torch.compile's: a gradient that nearly cancels is as far off as
+    the rounding of the compiler's intermediates makes it, and the plugin may be no worse than 2x.
     """
     dtype = next(model.parameters()).dtype
     seed = int(torch.randint(2**31, ()))
@@ -110,7 +113,19 @@ def assert_matches_eager(model, compiled, x: torch.Tensor) -> None:
         upcast = x.float() if x.is_floating_point() else x
         reference = forward_and_grads(copy.deepcopy(model).float(), upcast, grad_like)
         bounds = [None if e is None else 4 * _error(e, r) for e, r in zip(eager, reference)]
-    for name, a, r, bound in zip(names, actual, reference, bounds, strict=True):
+    stock = None
+    for i, (name, a, r, bound) in enumerate(zip(names, actual, reference, bounds, strict=True)):
         assert (a is None) == (r is None), f"{name}: compiled {a is None}, eager {r is None}"
-        if r is not None:
-            assert_close(a, r, dtype, name, bound)
+        if r is None:
+            continue
+        if dtype != torch.float32 and _error(a, r) > max(_bound(r, dtype), bound):
+            stock = stock or _stock_compile(model, x, grad_like)
+            bound = 2 * _error(stock[i], r)
+        assert_close(a, r, dtype, name, bound)
+
+
+def _stock_compile(model, x: torch.Tensor, grad_like):
+    """forward_and_grads of ``model`` compiled by stock torch.compile (inductor_moe off)."""
+    torch._dynamo.reset()  # dynamo would reuse the code it compiled with the plugin
+    with inductor_moe.config.patch(enabled=False):
+        return forward_and_grads(torch.compile(model), x, grad_like)
