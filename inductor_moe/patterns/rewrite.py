@@ -133,8 +133,16 @@ def _assemble(emit: Emitter, weight: Weight | None) -> Node | None:
     """The stacked ``[E, in, out]`` (or ``[E, out]``) value a Weight describes."""
     if weight is None:
         return None
-    parts = [emit.function(torch.stack, list(p)) if isinstance(p, tuple) else p for p in weight.parts]
-    node = parts[0] if len(parts) == 1 else emit.function(torch.cat, parts, dim=1 if weight.out_in else -1)
+    parts = weight.parts
+    if weight.out_in and len(parts) > 1 and all(isinstance(p, tuple) for p in parts):
+        # per-expert [out, in] parts (gate and up nn.Linear): one cat in [E, out, in] order copies
+        # each weight once; stacking each part, then concatenating, would copy them twice
+        num_experts = len(parts[0])
+        flat = emit.function(torch.cat, [part[e] for e in range(num_experts) for part in parts])
+        node = emit.method("view", flat, num_experts, -1, shape(parts[0][0])[-1])
+    else:
+        parts = [emit.function(torch.stack, list(p)) if isinstance(p, tuple) else p for p in parts]
+        node = parts[0] if len(parts) == 1 else emit.function(torch.cat, parts, dim=1 if weight.out_in else -1)
     return emit.method("transpose", node, 1, 2) if weight.out_in else node
 
 
