@@ -29,18 +29,27 @@ def _count_kernel(ids_ptr, counts_ptr, S, E, BLOCK: tl.constexpr, BLOCK_E: tl.co
 
 
 @triton.jit
-def _scan_kernel(counts_ptr, base_ptr, offsets_ptr, num_blocks, E, BLOCK_E: tl.constexpr):
+def _scan_kernel(counts_ptr, base_ptr, offsets_ptr, num_blocks, E, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The experts' ends, and each block's first row per expert: CHUNK blocks' counts a step (a
+    step per block waited on each load in turn: 0.2 ms for 1024 blocks on an H100)."""
     experts = tl.arange(0, BLOCK_E)
     valid = experts < E
+    chunk = tl.arange(0, CHUNK)
     totals = tl.zeros((BLOCK_E,), tl.int32)
-    for block in range(num_blocks):
-        totals += tl.load(counts_ptr + block * E + experts, mask=valid, other=0)
+    for b0 in range(0, num_blocks, CHUNK):
+        blocks = b0 + chunk
+        mask = (blocks < num_blocks)[:, None] & valid[None, :]
+        totals += tl.sum(tl.load(counts_ptr + blocks[:, None] * E + experts[None, :], mask=mask, other=0), axis=0)
     ends = tl.cumsum(totals, axis=0)
     tl.store(offsets_ptr + experts, ends, mask=valid)
     running = ends - totals
-    for block in range(num_blocks):
-        tl.store(base_ptr + block * E + experts, running, mask=valid)
-        running += tl.load(counts_ptr + block * E + experts, mask=valid, other=0)
+    for b0 in range(0, num_blocks, CHUNK):
+        blocks = b0 + chunk
+        mask = (blocks < num_blocks)[:, None] & valid[None, :]
+        counts = tl.load(counts_ptr + blocks[:, None] * E + experts[None, :], mask=mask, other=0)
+        tl.store(base_ptr + blocks[:, None] * E + experts[None, :], running[None, :] + tl.cumsum(counts, axis=0) - counts,
+                 mask=mask)
+        running += tl.sum(counts, axis=0)
 
 
 @triton.jit
@@ -77,7 +86,7 @@ def align(ids: torch.Tensor, num_experts: int):
     inverse = torch.empty_like(order)
     token_of_row = torch.empty_like(order)
     _count_kernel[(num_blocks,)](flat, counts, pairs, num_experts, BLOCK=block, BLOCK_E=block_e)
-    _scan_kernel[(1,)](counts, base, offsets, num_blocks, num_experts, BLOCK_E=block_e)
+    _scan_kernel[(1,)](counts, base, offsets, num_blocks, num_experts, CHUNK=max(1, 4096 // block_e), BLOCK_E=block_e)
     _scatter_kernel[(num_blocks,)](flat, base, order, inverse, token_of_row, pairs, num_experts, k, BLOCK=block)
     return order, inverse, token_of_row, offsets
 
