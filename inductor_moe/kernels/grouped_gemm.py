@@ -333,34 +333,53 @@ def _weight_grad_kernel(
 # --- launch -------------------------------------------------------------------------------------
 
 
-def _config(kernel: str, n: int, k: int, fp8: bool = False, block_k: int | None = None, block_m: int | None = None,
-            gated: bool = False) -> dict:
-    """Tile sizes of ``kernel`` ("gemm", "act_backward" or "weight_grad"): small under the
-    interpreter; for Hopper-class GPUs otherwise (also correct on smaller ones). BLOCK_M is the
-    rows per tile, or the rows per step of a weight gradient; FP8 scale blocks set the least
-    BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's rows). ``gemm``'s tiles come from
-    the H100 sweep of benchmarks/tune_gemm.py (benchmarks/results/h100_gemm_configs.json); on
-    that sweep the configs that spilled kilobytes of registers ran 2-5x slower, and sm_90 builds
-    show the spills without a GPU (tune_gemm.py --ptxas, sm90_ptxas_gemm_configs.json)."""
+def _config(kernel: str, n: int, k: int, fp8: int = NO_FP8, block_k: int | None = None, block_m: int | None = None,
+            gated: bool = False, itemsize: int = 2) -> dict:
+    """Tile sizes of ``kernel`` ("gemm", "act_backward" or "weight_grad") for FP8 mode ``fp8``:
+    small under the interpreter; for Hopper-class GPUs otherwise (also correct on smaller ones).
+    BLOCK_M is the rows per tile, or the rows per step of a weight gradient; FP8 scale blocks set
+    the least BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's rows). The tiles are
+    the H100 sweeps' fastest (benchmarks/tune_gemm.py; benchmarks/results/h100_gemm_configs.json
+    and h100_gemm_configs_rowwise_backward.json); there the configs that spilled kilobytes of registers
+    ran 2-5x slower, and sm_90 builds show the spills without a GPU (tune_gemm.py --ptxas,
+    sm90_ptxas_gemm_configs.json)."""
+    e4m3 = fp8 in (PER_ROW, PER_K_BLOCK)  # MMAs on e4m3 (MX tiles are multiplied in bf16)
     if interpreting():
         config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     elif kernel == "gemm" and n >= 256 and not gated:
-        config = dict(BLOCK_M=64 if fp8 else 128, BLOCK_N=256, BLOCK_K=128 if fp8 else 64, num_warps=8, num_stages=3)
-    elif kernel == "gemm" and fp8 and gated and n >= 256:
+        # rowwise 128 x 256 (879 against 641 TFLOP/s for 64 x 256); blockwise's per-block products
+        # beside the accumulator want 64 rows
+        config = dict(BLOCK_M=64 if fp8 == PER_K_BLOCK else 128, BLOCK_N=256, BLOCK_K=128 if e4m3 else 64,
+                      num_warps=8, num_stages=3)
+    elif kernel == "gemm" and fp8 == PER_K_BLOCK and gated and n >= 256:
         # the sweep's fastest blockwise up projection (262 and 248 TFLOP/s against 203 and 181 at
         # 128 x 128, which spills 1.3 KB)
         config = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3)
     elif kernel == "gemm" and n >= 128:
         # a gated epilogue loads two B tiles a step and converts two accumulators: wider bf16 tiles
-        # passed Hopper's 227 KB of shared memory when it also stored H (three stages; two lost a third)
-        config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if fp8 else 64, num_warps=8, num_stages=3)
+        # passed Hopper's 227 KB of shared memory when it also stored H (three stages; two lost a
+        # third); rowwise up projection: 945 TFLOP/s against 845 for 64 x 256
+        config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if e4m3 else 64, num_warps=8,
+                      num_stages=4 if fp8 == PER_ROW else 3)
+    elif kernel == "act_backward" and fp8 == PER_ROW:
+        # 551 against 448 TFLOP/s for 64-row tiles at the large shape, 257 against 243 at the small
+        config = dict(BLOCK_M=128, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=128, num_warps=8, num_stages=4)
     elif kernel == "act_backward":
         # the epilogue holds H's gate and up, the activation and both gradients beside the
-        # accumulator: 8 warps keep them in registers (4 warps, or 128-row tiles, spill 0.3-1.6 KB)
-        config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=128 if fp8 else 64 if k >= 64 else 32,
-                      num_warps=8, num_stages=3)
-    elif fp8:
-        config = dict(BLOCK_M=128, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=128, num_warps=8, num_stages=3)
+        # accumulator: 8 warps keep them in registers (4 warps, or 128-row tiles, spill 0.3-1.6 KB);
+        # bf16 256 columns wide: 339 and 209 TFLOP/s against 280 and 182 for 128
+        wide = fp8 == NO_FP8 and n >= 256
+        config = dict(BLOCK_M=64, BLOCK_N=256 if wide else 128 if n >= 128 else 64,
+                      BLOCK_K=128 if e4m3 else 64 if k >= 64 else 32, num_warps=8, num_stages=3)
+    elif e4m3:
+        # rowwise 128 x 256 output tiles: 293 TFLOP/s against 264 for 128 x 128
+        config = dict(BLOCK_M=128, BLOCK_N=256 if fp8 == PER_ROW and n >= 256 else 128 if n >= 128 else 64,
+                      BLOCK_K=128, num_warps=8, num_stages=3)
+    elif fp8 == NO_FP8 and itemsize == 2 and n >= 256 and k >= 64:
+        # bf16 weight gradients: 123 and 115 TFLOP/s against 100 and 96 for 64 x 128 tiles of 4
+        # warps (slow all: the operands pass through registers to recompute the activation, apply
+        # the routing weights and gather); float32's tiles would overflow shared memory
+        config = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     else:
         config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64 if k >= 64 else 32, num_warps=4,
                       num_stages=3)
@@ -427,7 +446,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     c = a.new_empty(num_rows, n_out, dtype=torch.float8_e4m3fn if fp8_out else dtype)
     c_scales = a.new_empty(num_rows, triton.cdiv(n_out, c_block), dtype=torch.float32) if fp8_out else c
     h = a.new_empty(num_rows, n, dtype=dtype) if store_h else c
-    config = _config("gemm", n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k, gated=gated)
+    config = _config("gemm", n_out, k, fp8["FP8"], block_k, gated=gated)
     config["BLOCK_N"] = max(config["BLOCK_N"], c_block)  # powers of two: a multiple of the block
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * triton.cdiv(n_out, config["BLOCK_N"]),)
@@ -455,7 +474,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     a, b, fp8, block_k = _operands(a, b)
     num_rows = a_rows.shape[0]
     num_experts, k, n_out = b.shape
-    config = _config("act_backward", n_out, k, fp8["FP8"] in (PER_ROW, PER_K_BLOCK), block_k)
+    config = _config("act_backward", n_out, k, fp8["FP8"], block_k)
     col_tiles = triton.cdiv(n_out, config["BLOCK_N"])
     grad_h = torch.empty_like(h)
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
@@ -490,12 +509,12 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         b = quantize_segments(b, offsets, starts, rows=b_rows, row_scale=scale, column_sums=bias_grad, **segments)
         a_rows = a_activation = b_rows = scale = bias_grad = None
     fp8 = _fp8_mode(a, b, fp8_rows)
-    config = _config("weight_grad", nd, kd, fp8 in (PER_ROW, PER_K_BLOCK), block_m=fp8_rows)
     if fp8 == NO_FP8:
         scale_pointers, scale_strides = (a, b, offsets), (0,) * 4
     else:
         scale_pointers, scale_strides = (a.scales, b.scales, starts), (*a.scales.stride(), *b.scales.stride())
         a, b = a.values, b.values
+    config = _config("weight_grad", nd, kd, fp8, block_m=fp8_rows, itemsize=b.element_size())
     grid = (triton.cdiv(nd, config["BLOCK_N"]), triton.cdiv(kd, config["BLOCK_K"]), num_experts)
     gated = a_activation is not None and a_activation.gated
     _weight_grad_kernel[grid](
