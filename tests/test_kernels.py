@@ -16,6 +16,7 @@ from references import make_experts, reference_experts, reference_route
 import inductor_moe
 from inductor_moe import models
 from inductor_moe.kernels import align, grouped_gemm, routing, unpermute
+from inductor_moe.ops import triton_impl
 from inductor_moe.ops.activations import Activation
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -212,6 +213,19 @@ def test_unpermute_reduce(weighted, tokens, k, width):
 def test_experts_op_on_kernels(act, shape, dtype):
     """Forward and every gradient of the experts op on the kernels against float64 references,
     as close as the torch code in the same dtype (4x its error, or the dtype's tolerance)."""
+    check_experts_op_on_kernels(act, shape, dtype)
+
+
+@pytest.mark.parametrize("act", [Activation("swiglu"), Activation("swiglu_oai", interleaved=True, limit=1.0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_experts_op_with_vendor_weight_grads(act, dtype, monkeypatch):
+    """The same with the weight gradients by torch._grouped_mm, as Hopper computes bf16's: biases,
+    [E, out, in] weights, and 160 pairs over 64 experts leave some idle."""
+    monkeypatch.setattr(triton_impl, "vendor_weight_grads", lambda *_: True)
+    check_experts_op_on_kernels(act, (20, 40, 24, 64, 8), dtype)
+
+
+def check_experts_op_on_kernels(act, shape, dtype):
     if dtype != torch.float32 and act.name == "swiglu_oai":
         act = dataclasses.replace(act, limit=7.0)  # rounding the kept pre-activation would flip clamps
     names = ("x", "ids", "weights", "w1", "w2", "b1", "b2")

@@ -10,7 +10,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..kernels import align, grouped_gemm, quantize, routing, unpermute
 from . import fp8
 from .activations import Activation
-from .cpu import stored_out_in
+from .cpu import gather_rows, grouped_mm_weight_grad, segment_sum, stored_out_in
 
 # weight tensor (the root of its views) -> {(view, recipe): (version, Quantized)}: each weight is
 # quantized once per value (once per training step; once for inference); the entry dies with it
@@ -65,6 +65,14 @@ def weight_grad_options(recipe: str | None) -> dict:
     return dict(fp8_rows=fp8.SEGMENT_ROWS[recipe], power_of_two=recipe == "mxfp8")
 
 
+def vendor_weight_grads(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm (CUTLASS) computes the bf16 weight gradients: on Hopper it runs
+    them at several times our kernel's rate, whose operands pass through registers (the
+    activation recomputed, rows gathered and scaled); it needs them materialised, 16-byte aligned."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and all(size % 8 == 0 for size in (x.shape[1], w1.shape[2], w2.shape[1])))
+
+
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
                   scale: float, group_fill: float):
     return routing.route(logits, k, renormalize or scoring == "softmax_of_topk", scoring == "sigmoid", bias,
@@ -112,14 +120,25 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
         grad_scale += (grad_out[token_of_row.long()].float() * b2[expert_of_row].float()).sum(dim=-1)
     grad_weights = grad_scale[inverse.long()].view(num_tokens, k).to(weights.dtype)
 
-    weight_grad_fp8 = weight_grad_options(fp8_recipe if fp8_weight_grad else None)
-    grad_w2, grad_b2 = _like_storage(w2), None if b2 is None else torch.empty_like(b2)
-    grouped_gemm.weight_grad(
-        h, grad_out, offsets, grad_w2, a_activation=act, b_rows=token_of_row, scale=scale, bias_grad=grad_b2,
-        **weight_grad_fp8,
-    )
-    grad_w1, grad_b1 = _like_storage(w1), None if b1 is None else torch.empty_like(b1)
-    grouped_gemm.weight_grad(x, grad_h, offsets, grad_w1, a_rows=token_of_row, bias_grad=grad_b1, **weight_grad_fp8)
+    weight_grad_recipe = fp8_recipe if fp8_weight_grad else None
+    if weight_grad_recipe is None and vendor_weight_grads(x, w1, w2):
+        # on materialised operands: act(H), the scaled output-gradient rows, the gathered input rows
+        token_rows = token_of_row.long()
+        grad_y = (gather_rows(grad_out, token_rows).float() * scale[:, None]).to(x.dtype)
+        grad_w2 = grouped_mm_weight_grad(act.forward(h), grad_y, offsets, stored_out_in(w2))
+        grad_w1 = grouped_mm_weight_grad(gather_rows(x, token_rows), grad_h, offsets, stored_out_in(w1))
+        expert_of_row = ids.reshape(-1)[order]
+        grad_b1 = None if b1 is None else segment_sum(grad_h, expert_of_row, num_experts).to(b1.dtype)
+        grad_b2 = None if b2 is None else segment_sum(grad_y, expert_of_row, num_experts).to(b2.dtype)
+    else:
+        weight_grad_fp8 = weight_grad_options(weight_grad_recipe)
+        grad_w2, grad_b2 = _like_storage(w2), None if b2 is None else torch.empty_like(b2)
+        grouped_gemm.weight_grad(
+            h, grad_out, offsets, grad_w2, a_activation=act, b_rows=token_of_row, scale=scale, bias_grad=grad_b2,
+            **weight_grad_fp8,
+        )
+        grad_w1, grad_b1 = _like_storage(w1), None if b1 is None else torch.empty_like(b1)
+        grouped_gemm.weight_grad(x, grad_h, offsets, grad_w1, a_rows=token_of_row, bias_grad=grad_b1, **weight_grad_fp8)
     grad_x_rows, _ = grouped_gemm.gemm(
         activation_operand(grad_h, fp8_recipe), weight_operand(w1.transpose(1, 2), fp8_recipe), offsets, out_dtype=x.dtype
     )
