@@ -40,6 +40,7 @@ def compile_like_launch(kernel: JITFunction, target: GPUTarget, *args, **kwargs)
 def main_loop(ttgir: str) -> dict:
     """How a GEMM's K loop runs on Hopper, from its TTGIR: how many tiles it copies into shared
     memory asynchronously (software-pipelined) and how many it loads into registers and waits for;
+    how many operand tiles it computes in registers and stores back to shared memory for the MMA;
     how many warpgroup MMAs it issues, and how many of them start from zero instead of accumulating
     in place (a separate addition then waits for each)."""
     start = ttgir.rindex("\n", 0, ttgir.index("scf.for")) + 1
@@ -48,6 +49,7 @@ def main_loop(ttgir: str) -> dict:
     dots = re.findall(r"ttng.warp_group_dot (%[\w#]+), (%[\w#]+), (%[\w#]+)", loop)
     return {"async_tiles": len(re.findall(r"ttg.async_copy_global_to_local [^\n]*tensor<\d+x\d+x", loop)),
             "register_tiles": len(re.findall(r"= tt.load [^\n]*: tensor<\d+x\d+x", loop)),
+            "stored_operands": len(re.findall(r"ttg.local_alloc %", loop)),
             "mma": len(dots), "mma_from_zero": sum(acc.startswith("%cst") for *_, acc in dots)}
 
 

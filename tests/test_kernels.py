@@ -279,8 +279,9 @@ def test_kernels_compile_for_gpus():
     """The kernels compile to GPU code for Hopper and Ampere (Triton's own ptxas, no GPU needed)
     within an H100's shared memory, the quantizer reading 16-byte vectors, and on Hopper every
     grouped GEMM's K loop is software-pipelined: each tile copied into shared memory ahead of its
-    use, none loaded into registers and waited for; its MMAs accumulate in place, except
-    blockwise FP8's, whose K blocks' products are scaled before they are added.
+    use, none loaded into registers and waited for, none computed in registers and stored back for
+    the MMA but MXFP8's dequantized tiles; its MMAs accumulate in place, except blockwise FP8's,
+    whose K blocks' products are scaled before they are added.
 
     In a separate process: under the interpreter, kernels are not compilable objects."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -299,4 +300,5 @@ def test_kernels_compile_for_gpus():
     assert {loop["fp8"] for loop in loops} == {0, 1, 2, 3}, result.stdout
     for loop in loops:
         assert loop["async_tiles"] >= 2 and loop["register_tiles"] == 0, loop
+        assert (loop["stored_operands"] > 0) == (loop["fp8"] == grouped_gemm.DEQUANTIZE), loop
         assert loop["mma_from_zero"] == (loop["mma"] if loop["fp8"] == grouped_gemm.PER_K_BLOCK else 0), loop

@@ -11,8 +11,8 @@ view for ``[E, N, K]`` storage.
     gemm_act_backward    dH = act'(H) * (scale * A[rows] @ B[e]), and per-tile partial sums of
                          (A[rows] @ B[e]) . act(H) for the routing-weight gradient
     weight_grad          dB[e] = sum over expert e's rows of A'[r]^T B'[r]; A' optionally
-                         act(H) (recomputed in the prologue), B' optionally gathered and scaled;
-                         with the column sums of B' (the bias gradient)
+                         act(H) (recomputed in a pass of its own), B' optionally gathered and
+                         scaled; with the column sums of B' (the bias gradient)
 
 Accumulation in float32; bf16, fp16 and fp32 inputs, or FP8: e4m3 operands
 (``quantize.Quantized``) whose scales the kernels apply per row and column after the K loop
@@ -256,9 +256,8 @@ def _weight_grad_kernel(
     a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, scale_ptr, out_ptr, bias_grad_ptr, offsets_ptr, a_scale_ptr, b_scale_ptr,
     tiles_ptr, KD, ND,
     stride_am, stride_ak, stride_bm, stride_bn, stride_oe, stride_ok, stride_on, stride_bge,
-    stride_sam, stride_sak, stride_sbm, stride_sbn, alpha, limit,
-    A_GATHER: tl.constexpr, A_ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
-    B_GATHER: tl.constexpr, B_SCALE: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    stride_sam, stride_sak, stride_sbm, stride_sbn,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, SUM_SCALE: tl.constexpr, BIAS_GRAD: tl.constexpr,
     FP8: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -289,19 +288,18 @@ def _weight_grad_kernel(
         row_ok = segment_rows < count
         a_mask = row_ok[:, None] & k_ok[None, :]
         b_mask = row_ok[:, None] & n_ok[None, :]
-        if FP8 == 0:
+        if FP8 == 0:  # operands as loaded (gathered at most): straight to the tensor cores
             rows = begin + segment_rows
             a = load_operand_rows(a_ptr, a_rows_ptr, rows, row_ok, tl.program_id(1) * BLOCK_K, KD, stride_am,
-                                  stride_ak, alpha, limit, A_GATHER, A_ACT, GATED, INTERLEAVED, BLOCK_K)
-            a = a.to(b_ptr.dtype.element_ty)
+                                  stride_ak, 0.0, 0.0, A_GATHER, -1, False, False, BLOCK_K)
             b = load_operand_rows(b_ptr, b_rows_ptr, rows, row_ok, tl.program_id(0) * BLOCK_N, ND, stride_bm,
-                                  stride_bn, alpha, limit, B_GATHER, -1, False, False, BLOCK_N)
-            if B_SCALE:
-                b *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            b = b.to(b_ptr.dtype.element_ty)
+                                  stride_bn, 0.0, 0.0, B_GATHER, -1, False, False, BLOCK_N)
             if BIAS_GRAD:
-                column_sums += tl.sum(b.to(tl.float32), axis=0)
-            acc = _dot(tl.trans(a), b, acc, DOT_F32, IEEE)
+                if SUM_SCALE:
+                    column_sums += tl.sum(b * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None], axis=0)
+                else:
+                    column_sums += tl.sum(b, axis=0)
+            acc = _dot(tl.trans(a.to(b_ptr.dtype.element_ty)), b.to(b_ptr.dtype.element_ty), acc, DOT_F32, IEEE)
         else:  # blocks of ROW_BLOCK rows from the segment's first row (PER_ROW: whole segments)
             a = tl.load(a_columns + segment_rows[:, None] * stride_am + tile_ks[None, :] * stride_ak, mask=a_mask,
                         other=0.0)
@@ -328,6 +326,23 @@ def _weight_grad_kernel(
     if BIAS_GRAD:
         if tl.program_id(1) == 0:
             tl.store(bias_grad_ptr + expert * stride_bge + ns, column_sums.to(bias_grad_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _scaled_activation_kernel(
+    h_ptr, rows_ptr, scale_ptr, out_ptr, M, N, stride_hm, stride_hn, stride_om, stride_on, alpha, limit,
+    GATHER: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x = load_operand_rows(h_ptr, rows_ptr, rows, row_ok, tl.program_id(1) * BLOCK_N, N, stride_hm, stride_hn, alpha,
+                          limit, GATHER, ACT, GATED, INTERLEAVED, BLOCK_N)
+    if SCALE:
+        x *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on, x.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < N)[None, :])
 
 
 # --- launch -------------------------------------------------------------------------------------
@@ -491,6 +506,22 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     return grad_h, partial
 
 
+def scaled_activation(h, activation=None, scale=None, rows=None):
+    """``scale[r] * act(h[rows[r]])`` ``[M, N]`` in h's dtype (gated: h ``[., 2N]``), computed in
+    float32 in one pass; any of the three may be None (rows: h's in order)."""
+    gated = activation is not None and activation.gated
+    num_rows, n = (h if rows is None else rows).shape[0], h.shape[1] // (2 if gated else 1)
+    out = h.new_empty(num_rows, n)
+    block_m, block_n = (16, 16) if interpreting() else (32, 128)
+    _scaled_activation_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(n, block_n))](
+        h, rows if rows is not None else h, scale if scale is not None else h, out, num_rows, n, *h.stride(),
+        *out.stride(), activation.alpha if activation is not None else 0.0,
+        activation.limit if activation is not None else 0.0, GATHER=rows is not None, ACT=_act_code(activation), GATED=gated, INTERLEAVED=gated and activation.interleaved, SCALE=scale is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return out
+
+
 def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=None, scale=None, bias_grad=None,
                 fp8_rows=None, power_of_two=False):
     """``out[e] = sum over expert e's rows of A'[r]^T B'[r]`` into ``out`` ``[E, K, N]`` (any strides).
@@ -499,7 +530,10 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
     B' is ``b[b_rows] * scale``. ``bias_grad`` ``[E, N]``, if given, receives B's column sums.
     With ``fp8_rows`` (0: each expert's whole segment) A' and B' are first quantized to e4m3 in
     blocks of that many rows x 1 column, starting at each expert's first row
-    (``quantize.quantize_segments``, one pass over each; ``power_of_two``: MX scales).
+    (``quantize.quantize_segments``, one pass over each; ``power_of_two``: MX scales). Otherwise
+    the activation and the scale go to A in a pass of their own (``scaled_activation``), so that
+    the GEMM's operands reach the tensor cores as loaded: computed in its loop, they went through
+    registers and back to shared memory every step (100-123 TFLOP/s on an H100).
     """
     num_experts, kd, nd = out.shape
     if fp8_rows is not None:
@@ -507,7 +541,9 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         segments = dict(block_rows=fp8_rows, power_of_two=power_of_two)
         a = quantize_segments(a, offsets, starts, rows=a_rows, activation=a_activation, **segments)
         b = quantize_segments(b, offsets, starts, rows=b_rows, row_scale=scale, column_sums=bias_grad, **segments)
-        a_rows = a_activation = b_rows = scale = bias_grad = None
+        a_rows = b_rows = scale = bias_grad = None
+    elif a_activation is not None or scale is not None:
+        a, a_rows = scaled_activation(a, a_activation, scale, a_rows), None
     fp8 = _fp8_mode(a, b, fp8_rows)
     if fp8 == NO_FP8:
         scale_pointers, scale_strides = (a, b, offsets), (0,) * 4
@@ -516,16 +552,13 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         a, b = a.values, b.values
     config = _config("weight_grad", nd, kd, fp8, block_m=fp8_rows, itemsize=b.element_size())
     grid = (triton.cdiv(nd, config["BLOCK_N"]), triton.cdiv(kd, config["BLOCK_K"]), num_experts)
-    gated = a_activation is not None and a_activation.gated
     _weight_grad_kernel[grid](
         a, a_rows if a_rows is not None else offsets, b, b_rows if b_rows is not None else offsets,
         scale if scale is not None else b, out, bias_grad if bias_grad is not None else out, offsets,
         *scale_pointers, kd, nd,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         bias_grad.stride(0) if bias_grad is not None else 0, *scale_strides,
-        a_activation.alpha if a_activation is not None else 0.0, a_activation.limit if a_activation is not None else 0.0,
-        A_GATHER=a_rows is not None, A_ACT=_act_code(a_activation), GATED=gated,
-        INTERLEAVED=gated and a_activation.interleaved, B_GATHER=b_rows is not None, B_SCALE=scale is not None,
+        A_GATHER=a_rows is not None, B_GATHER=b_rows is not None, SUM_SCALE=scale is not None,
         BIAS_GRAD=bias_grad is not None, FP8=fp8, ROW_BLOCK=fp8_rows or SEGMENT_ALIGN, **_flags(a.dtype),
         **config,
     )

@@ -66,12 +66,13 @@ def weight_grad_options(recipe: str | None) -> dict:
 
 
 def vendor_weight_grads(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm (CUTLASS) computes the bf16 weight gradients, on operands
-    materialised first (16-byte aligned), rather than our kernel, whose operands pass through
-    registers (the activation recomputed, rows gathered and scaled: 100-123 TFLOP/s on an H100).
-    Materialising costs bytes per row, the GEMMs FLOPs per row times the experts' width n: on
-    the H100 it made a training step 0.75x and 0.99x as fast at n = 256 and 512, 1.12x and 1.23x
-    at n = 1024 (benchmarks/results/h100_weight_grads.json)."""
+    """Whether torch._grouped_mm (CUTLASS) computes the bf16 weight gradients instead of our
+    kernel. Both take the routing weights times act(H) from a pass of its own
+    (``grouped_gemm.scaled_activation``); _grouped_mm also needs the gathered rows materialised:
+    bytes per row, against GEMM FLOPs per row times the experts' width n. Measured on the H100
+    before both took that pass (our kernel recomputed the activation in its loop, _grouped_mm's
+    operands came from several torch ops): a training step 0.75x and 0.99x as fast at n = 256 and
+    512, 1.12x and 1.23x at n = 1024 (benchmarks/results/h100_weight_grads.json)."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
             and w2.shape[1] >= 1024 and all(size % 8 == 0 for size in (x.shape[1], w1.shape[2], w2.shape[1])))
 
@@ -125,14 +126,15 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
 
     weight_grad_recipe = fp8_recipe if fp8_weight_grad else None
     if weight_grad_recipe is None and vendor_weight_grads(x, w1, w2):
-        # on materialised operands: act(H), the scaled output-gradient rows, the gathered input rows
+        # on materialised operands: the routing weights times act(H), the gathered rows
         token_rows = token_of_row.long()
-        grad_y = (gather_rows(grad_out, token_rows).float() * scale[:, None]).to(x.dtype)
-        grad_w2 = grouped_mm_weight_grad(act.forward(h), grad_y, offsets, stored_out_in(w2))
+        grad_rows = gather_rows(grad_out, token_rows)
+        grad_w2 = grouped_mm_weight_grad(grouped_gemm.scaled_activation(h, act, scale), grad_rows, offsets,
+                                         stored_out_in(w2))
         grad_w1 = grouped_mm_weight_grad(gather_rows(x, token_rows), grad_h, offsets, stored_out_in(w1))
         expert_of_row = ids.reshape(-1)[order]
         grad_b1 = None if b1 is None else segment_sum(grad_h, expert_of_row, num_experts).to(b1.dtype)
-        grad_b2 = None if b2 is None else segment_sum(grad_y, expert_of_row, num_experts).to(b2.dtype)
+        grad_b2 = None if b2 is None else segment_sum(grad_rows * scale[:, None], expert_of_row, num_experts).to(b2.dtype)
     else:
         weight_grad_fp8 = weight_grad_options(weight_grad_recipe)
         grad_w2, grad_b2 = _like_storage(w2), None if b2 is None else torch.empty_like(b2)
