@@ -1,8 +1,9 @@
 """Tile-config sweep for the grouped GEMMs (GPU), each called as the experts op calls it: the up
 projection with fused gather and SwiGLU (storing H), the down projection, the backward's dH (its
 GEMM with the SwiGLU backward in the epilogue) and dW2 (bf16: the routing weights times the
-recomputed activation in a pass before the GEMM; FP8: both operands quantized by segment), in bf16, FP8 rowwise and blockwise, and MXFP8 (tiles dequantized to bf16 in the
-kernel, so bf16's configs are its candidates), at two SonicMoE shapes. Prints each config's
+recomputed activation in a pass before the GEMM; FP8: both operands quantized by segment), in
+bf16, FP8 rowwise and blockwise, and MXFP8 (tiles dequantized to bf16 in the kernel, so bf16's
+configs are its candidates), at two SonicMoE shapes. Prints each config's
 median and TFLOP/s; the best ones go into kernels/grouped_gemm.py's ``_config``. ``--gemms`` and
 ``--precisions`` pick a subset (a GPU command may run 10 minutes at most).
 
