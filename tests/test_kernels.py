@@ -216,13 +216,15 @@ def test_experts_op_on_kernels(act, shape, dtype):
     check_experts_op_on_kernels(act, shape, dtype)
 
 
-@pytest.mark.parametrize("act", [Activation("swiglu"), Activation("swiglu_oai", interleaved=True, limit=1.0)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act, dtype", [
+    (Activation("swiglu"), torch.float32), (Activation("swiglu"), torch.bfloat16),
+    (Activation("swiglu_oai", interleaved=True, limit=1.0), torch.bfloat16),
+], ids=str)
 def test_experts_op_with_vendor_weight_grads(act, dtype, monkeypatch):
-    """The same with the weight gradients by torch._grouped_mm, as Hopper computes bf16's: biases,
-    [E, out, in] weights, and 160 pairs over 64 experts leave some idle."""
+    """The same with the weight gradients by torch._grouped_mm, as Hopper computes wide bf16
+    experts': biases, [E, out, in] weights, and 80 pairs over 32 experts leave some idle."""
     monkeypatch.setattr(triton_impl, "vendor_weight_grads", lambda *_: True)
-    check_experts_op_on_kernels(act, (20, 40, 24, 64, 8), dtype)
+    check_experts_op_on_kernels(act, (10, 40, 24, 32, 8), dtype)
 
 
 def check_experts_op_on_kernels(act, shape, dtype):
