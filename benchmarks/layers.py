@@ -81,7 +81,8 @@ def main() -> None:
                       f"{medians[stock] / row['median_ms']:6.2f}x  peak {row['peak_mem_gb']} GB  ({row['compiled_as']})", flush=True)
             if args.json:  # after each layer: a long run cut short keeps what it measured
                 with open(args.json, "w") as f:
-                    json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__, "roofline": peak,
+                    json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                               "torch": torch.__version__, "triton": triton.__version__, "roofline": peak,
                                "rows": rows}, f, indent=1)
 
 

@@ -355,9 +355,9 @@ def _config(kernel: str, n: int, k: int, fp8: int = NO_FP8, block_k: int | None 
     BLOCK_M is the rows per tile, or the rows per step of a weight gradient; FP8 scale blocks set
     the least BLOCK_K (a GEMM's K blocks) or BLOCK_M (a weight gradient's rows). The tiles are
     the H100 sweeps' fastest (benchmarks/tune_gemm.py; benchmarks/results/h100_gemm_configs.json
-    and h100_gemm_configs_rowwise_backward.json); there the configs that spilled kilobytes of registers
-    ran 2-5x slower, and sm_90 builds show the spills without a GPU (tune_gemm.py --ptxas,
-    sm90_ptxas_gemm_configs.json)."""
+    and h100_gemm_configs_rowwise_backward.json); there the configs that spilled kilobytes of
+    registers ran 2-5x slower, and sm_90 builds show the spills without a GPU (tune_gemm.py
+    --ptxas, sm90_ptxas_gemm_configs.json)."""
     e4m3 = fp8 in (PER_ROW, PER_K_BLOCK)  # MMAs on e4m3 (MX tiles are multiplied in bf16)
     if interpreting():
         config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -392,8 +392,8 @@ def _config(kernel: str, n: int, k: int, fp8: int = NO_FP8, block_k: int | None 
                       BLOCK_K=128, num_warps=8, num_stages=3)
     elif fp8 == NO_FP8 and itemsize == 2 and n >= 256 and k >= 64:
         # bf16 weight gradients: 123 and 115 TFLOP/s against 100 and 96 for 64 x 128 tiles of 4
-        # warps (slow all: the operands pass through registers to recompute the activation, apply
-        # the routing weights and gather); float32's tiles would overflow shared memory
+        # warps (measured while the kernel still recomputed the activation and applied the routing
+        # weights in its loop); float32's tiles would overflow shared memory
         config = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     else:
         config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64 if k >= 64 else 32, num_warps=4,
@@ -516,7 +516,8 @@ def scaled_activation(h, activation=None, scale=None, rows=None):
     _scaled_activation_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(n, block_n))](
         h, rows if rows is not None else h, scale if scale is not None else h, out, num_rows, n, *h.stride(),
         *out.stride(), activation.alpha if activation is not None else 0.0,
-        activation.limit if activation is not None else 0.0, GATHER=rows is not None, ACT=_act_code(activation), GATED=gated, INTERLEAVED=gated and activation.interleaved, SCALE=scale is not None,
+        activation.limit if activation is not None else 0.0, GATHER=rows is not None, ACT=_act_code(activation),
+        GATED=gated, INTERLEAVED=gated and activation.interleaved, SCALE=scale is not None,
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out

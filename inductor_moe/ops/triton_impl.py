@@ -115,12 +115,12 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     grad_out = grad_out.contiguous()
     _, inverse, token_of_row, _ = align.align(ids, num_experts)  # the same sort as the forward's
     scale = weights.reshape(-1)[order].float()
+    expert_of_row = ids.reshape(-1)[order] if b1 is not None or b2 is not None else None  # for the biases
     grad_h, partial = grouped_gemm.gemm_act_backward(
         activation_operand(grad_out, fp8_recipe), token_of_row, weight_operand(w2.transpose(1, 2), fp8_recipe), offsets, h, scale, act
     )
     grad_scale = partial.sum(dim=1)
     if b2 is not None:  # the bias's share of each expert output: <grad_t, b2[e]>
-        expert_of_row = ids.reshape(-1)[order]
         grad_scale += (grad_out[token_of_row.long()].float() * b2[expert_of_row].float()).sum(dim=-1)
     grad_weights = grad_scale[inverse.long()].view(num_tokens, k).to(weights.dtype)
 
@@ -132,7 +132,6 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
         grad_w2 = grouped_mm_weight_grad(grouped_gemm.scaled_activation(h, act, scale), grad_rows, offsets,
                                          stored_out_in(w2))
         grad_w1 = grouped_mm_weight_grad(gather_rows(x, token_rows), grad_h, offsets, stored_out_in(w1))
-        expert_of_row = ids.reshape(-1)[order]
         grad_b1 = None if b1 is None else segment_sum(grad_h, expert_of_row, num_experts).to(b1.dtype)
         grad_b2 = None if b2 is None else segment_sum(grad_rows * scale[:, None], expert_of_row, num_experts).to(b2.dtype)
     else:
