@@ -236,27 +236,27 @@ def test_segment_quantizer_is_bit_exact(recipe, prologue):
     torch.testing.assert_close(sums / column_scale, segment_sums / column_scale)
 
 
-@pytest.mark.parametrize("tile_cols", [None, 128])
+@pytest.mark.parametrize("tile_blocks", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recipe", ["blockwise", "mxfp8"])
-def test_gemm_epilogue_quantizes_like_the_quantizer(recipe, dtype, tile_cols, monkeypatch):
+def test_gemm_epilogue_quantizes_like_the_quantizer(recipe, dtype, tile_blocks, monkeypatch):
     """The up projection's epilogue quantizes its activated output in the recipe's 1 x 128 / 1 x 32
     blocks: bit for bit what the quantizer makes of the output it would have written (a last
-    partial block, rows of an idle expert's neighbours, gathered rows), also with tiles as wide as
-    a GPU's (several MX blocks a tile)."""
+    partial block, rows of an idle expert's neighbours, gathered rows), with tiles of one block
+    and of several (a GPU's tiles hold several MX blocks)."""
     from inductor_moe.kernels import align, grouped_gemm
     from inductor_moe.kernels import quantize as kernel
 
-    if tile_cols:
-        config = grouped_gemm._config
-        monkeypatch.setattr(grouped_gemm, "_config", lambda *a, **k: config(*a, **k) | dict(BLOCK_N=tile_cols))
+    (rows, cols), _ = fp8.RECIPES[recipe]
+    # both runs on the same tiles: the interpreter's float32 sums of a tile's products round by its shape
+    config = grouped_gemm._config
+    monkeypatch.setattr(grouped_gemm, "_config", lambda *a, **k: config(*a, **k) | dict(BLOCK_N=tile_blocks * cols))
 
     tokens, k, experts, hidden, inner = 21, 2, 4, 40, 200
     ids = torch.stack([torch.randperm(experts - 1)[:k] for _ in range(tokens)]).to(DEVICE)  # expert 3 idle
     _, _, token_of_row, offsets = align.align(ids, experts)
     x = torch.randn(tokens, hidden, dtype=dtype, device=DEVICE)
     w1 = torch.randn(experts, hidden, 2 * inner, dtype=dtype, device=DEVICE) * hidden**-0.5
-    (rows, cols), _ = fp8.RECIPES[recipe]
     power_of_two = recipe == "mxfp8"
     operands = kernel.quantize(x, rows, cols, power_of_two), kernel.quantize_weight(w1, 1, cols, power_of_two)
     run = lambda **options: grouped_gemm.gemm(*operands, offsets, a_rows=token_of_row, activation=Activation("swiglu"),
