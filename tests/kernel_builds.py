@@ -21,8 +21,8 @@ from inductor_moe.ops.activations import Activation
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 built = []
-# sm_90 builds: (kernel, FP8 mode, report: shared memory, the narrowest global load, and the K loop
-# of a grouped GEMM)
+# sm_90 builds: (kernel, FP8 mode, report: shared memory, the narrowest global load and warp
+# run, and the K loop of a grouped GEMM)
 hopper_builds = []
 
 
@@ -59,6 +59,24 @@ def narrowest_load_bytes(ptx: str) -> int:
     return min((int(vector or 1) * int(bits) // 8 for vector, bits in loads), default=0)
 
 
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "f8E4M3FN": 1, "i8": 1, "i32": 4, "i64": 8}
+
+
+def narrowest_warp_run(ttgir: str) -> int:
+    """The fewest contiguous bytes a warp reads along a tile's contiguous dim in any 2-D load into
+    registers: under 32, each 32-byte sector it touches is read for a part (a transposed view
+    read 8 rows at a time reads 16-byte halves)."""
+    layouts = {name: [[int(v) for v in values.split(",")] for values in fields] for name, *fields in re.findall(
+        r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+        r"warpsPerCTA = \[[\d, ]+\], order = \[([\d, ]+)\]", ttgir, re.M)}
+    runs = []
+    for shape, dtype, layout in re.findall(r"= tt\.load [^\n]*: tensor<(\d+x\d+)x!tt\.ptr<(\w+)>, (#blocked\d*)>", ttgir):
+        per_thread, threads, order = layouts[layout]
+        fast = order[0]
+        runs.append(min(per_thread[fast] * threads[fast], int(shape.split("x")[fast])) * _BYTES[dtype])
+    return min(runs, default=0)
+
+
 def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
     fp8_mode = kwargs.get("FP8", 0)
     e4m3 = fp8_mode or any(isinstance(arg, torch.Tensor) and arg.dtype == torch.float8_e4m3fn for arg in args)
@@ -69,6 +87,7 @@ def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
         if target.arch == 90:
             ttgir = compiled.asm["ttgir"]
             report = {"shared_bytes": compiled.metadata.shared, "load_bytes": narrowest_load_bytes(compiled.asm["ptx"]),
+                      "warp_run_bytes": narrowest_warp_run(ttgir),
                       **(main_loop(ttgir) if "warp_group_dot" in ttgir else {})}
             hopper_builds.append((kernel.fn.__name__, fp8_mode, report))
     built.append(kernel.fn.__name__)
@@ -100,6 +119,7 @@ def compile_all() -> None:
         unpermute.unpermute_reduce(torch.randn(tokens * k, hidden, dtype=dtype), rows, torch.rand(tokens, k), tokens, k)
         for block_rows, block_cols, power_of_two in ((1, 0, False), (1, 128, False), (128, 128, False), (1, 32, True)):
             quantize.quantize(x, block_rows, block_cols, power_of_two)
+        quantize.quantize(torch.randn(2048, 64, dtype=dtype).t(), 1, 0)  # transposed, too long to hold: two sweeps
     act, dtype = Activation("swiglu"), torch.bfloat16  # FP8 GEMMs as models call them: bf16 in and out
     x = x.to(dtype)
     for recipe, ((a_rows, a_cols), (w_rows, w_cols)) in fp8.RECIPES.items():

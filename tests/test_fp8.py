@@ -159,15 +159,19 @@ def test_family_block_sqnr(family):
     assert result["out"] >= BAR_DB[recipe] and result["grad_x"] >= GRADIENT_BAR_DB, result
 
 
-@pytest.mark.parametrize("shape", [(1, 7), (37, 300), (130, 257)])
+# rows held in registers (a tile or a whole row), and rows swept twice: longer than a program
+# holds, or (a transposed view) 16 of them side by side are
+@pytest.mark.parametrize("shape", [(1, 7), (37, 300), (130, 257), (20, 1500), (4, 17000)])
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_quantize_kernel_is_bit_exact(block, shape):
+def test_quantize_kernel_is_bit_exact(block, layout, shape):
     """The Triton quantizer (under the interpreter without a GPU) against the torch recipe: values
-    and scales bit for bit, with rows of zeros, huge values and subnormals."""
+    and scales bit for bit, with rows of zeros, huge values and subnormals, in either layout."""
     from inductor_moe.kernels import quantize as kernel
 
     rows, cols, power_of_two = BLOCKS[block]
-    x = torch.randn(shape, device=DEVICE) * torch.logspace(-3, 3, shape[0], device=DEVICE)[:, None]
+    x = torch.randn(shape if layout == "rows" else shape[::-1], device=DEVICE)
+    x = (x if layout == "rows" else x.t()) * torch.logspace(-3, 3, shape[0], device=DEVICE)[:, None]
     x[0, : shape[1] // 2] = 0.0
     if shape[0] > 3:
         x[1] = 3e38

@@ -279,11 +279,12 @@ def test_compiled_model_on_kernels_matches_eager():
 @pytest.mark.skipif(DEVICE == "cuda", reason="compiled and run for real on this machine's GPU")
 def test_kernels_compile_for_gpus():
     """The kernels compile to GPU code for Hopper and Ampere (Triton's own ptxas, no GPU needed)
-    within an H100's shared memory, the quantizer reading 16-byte vectors, and on Hopper every
-    grouped GEMM's K loop is software-pipelined: each tile copied into shared memory ahead of its
-    use, none loaded into registers and waited for, none computed in registers and stored back for
-    the MMA but MXFP8's dequantized tiles; its MMAs accumulate in place, except blockwise FP8's,
-    whose K blocks' products are scaled before they are added.
+    within an H100's shared memory, the quantizers reading 16-byte vectors and whole 32-byte
+    sectors (also from a transposed view), and on Hopper every grouped GEMM's K loop is
+    software-pipelined: each tile copied into shared memory ahead of its use, none loaded into
+    registers and waited for, none computed in registers and stored back for the MMA but MXFP8's
+    dequantized tiles; its MMAs accumulate in place, except blockwise FP8's, whose K blocks'
+    products are scaled before they are added.
 
     In a separate process: under the interpreter, kernels are not compilable objects."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -298,6 +299,8 @@ def test_kernels_compile_for_gpus():
     assert all(build["shared_bytes"] <= 227 * 1024 for build in hopper), hopper  # an H100 block's most
     quantizers = [build for build in hopper if build["kernel"] == "_quantize_kernel"]
     assert quantizers and all(build["load_bytes"] == 16 for build in quantizers), quantizers  # whole vectors
+    quantizers += [build for build in hopper if build["kernel"] == "_quantize_segments_kernel"]
+    assert all(build["warp_run_bytes"] >= 32 for build in quantizers), quantizers  # whole sectors
     loops = [build for build in hopper if "mma" in build]
     assert {loop["fp8"] for loop in loops} == {0, 1, 2, 3}, result.stdout
     for loop in loops:

@@ -3,7 +3,8 @@
 power of two read from amax's exponent bits for MX).
 
 A program quantizes a tile of several blocks in one pass (``quantize_blocks``, also the GEMM
-epilogue's), or blocks as wide as a row in two sweeps (their maximum, then the values).
+epilogue's; a whole row is one block when it fits in registers), or blocks as wide as a longer row
+in two sweeps (their maximum, then the values).
 ``quantize_segments`` quantizes a weight gradient's operands: rows sorted by expert, blocked
 along the rows within each expert's segment.
 """
@@ -132,6 +133,10 @@ def _quantize_kernel(
             tl.store(scales + rows * stride_sm, scale, mask=row_ok)
 
 
+# elements of a tile a program holds in registers: rows this short are quantized in one sweep
+HELD_ELEMENTS = 16384
+
+
 def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bool = False) -> Quantized:
     """``x`` ``[M, K]`` or ``[B, M, K]`` (any strides) in blocks of ``block_rows x block_cols`` (0:
     the whole dim; powers of two otherwise): values e4m3 and contiguous, scales
@@ -144,16 +149,24 @@ def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bo
     q = torch.empty(batched.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(batch, triton.cdiv(m, rows), triton.cdiv(k, block_cols or k), dtype=torch.float32,
                          device=x.device)
-    chunk = max(block_cols, 64 if interpreting() else 128)  # MX: several blocks a row, also under the interpreter
+    # a transposed view (a weight's backward orientation) lays rows side by side: a program takes
+    # enough of them that each column it reads is a whole 32-byte sector, not a 16-byte half
+    side_by_side = 16 if batched.stride(1) == 1 and k > 1 else 1
+    kernel_cols = block_cols
+    if not block_cols and rows == 1 and triton.next_power_of_2(k) * side_by_side <= HELD_ELEMENTS:
+        # a row's one block, held in registers: read once (sweeping it twice reads it twice from
+        # memory once the programs in flight hold more than the L2 cache)
+        kernel_cols = triton.next_power_of_2(k)
+    chunk = max(kernel_cols, 64 if interpreting() else 128)  # MX: several blocks a row, also under the interpreter
     if rows > 1:
         rows_per_program = rows  # one shared block
-    elif block_cols:
-        rows_per_program = max(4096 // chunk, 1)  # a tile of 4K elements
+    elif kernel_cols:
+        rows_per_program = max(4096 // chunk, side_by_side)  # a tile of 4K elements or more
     else:
-        rows_per_program = 16 if interpreting() else 8  # whole rows: 8 x K elements, enough programs for few rows
-    _quantize_kernel[(triton.cdiv(m, rows_per_program), triton.cdiv(k, chunk) if block_cols else 1, batch)](
+        rows_per_program = 16 if interpreting() else 8 if side_by_side == 1 else 32  # whole rows, swept twice
+    _quantize_kernel[(triton.cdiv(m, rows_per_program), triton.cdiv(k, chunk) if kernel_cols else 1, batch)](
         batched, q, scales, m, k, *batched.stride(), *q.stride(), *scales.stride(),
-        ROWS=rows_per_program, BLOCK_COLS=block_cols, SHARED=rows > 1, CHUNK=chunk, POW2=power_of_two,
+        ROWS=rows_per_program, BLOCK_COLS=kernel_cols, SHARED=rows > 1, CHUNK=chunk, POW2=power_of_two,
         ROUND_FIRST=interpreting(), num_warps=8 if rows_per_program * chunk > 4096 else 4,
     )
     if x.dim() == 2:
