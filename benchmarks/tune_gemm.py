@@ -5,7 +5,9 @@ recomputed activation in a pass before the GEMM; FP8: both operands quantized by
 bf16, FP8 rowwise and blockwise, and MXFP8 (tiles dequantized to bf16 in the kernel, so bf16's
 configs are its candidates), at two SonicMoE shapes. Prints each config's
 median and TFLOP/s; the best ones go into kernels/grouped_gemm.py's ``_config``. ``--gemms`` and
-``--precisions`` pick a subset (a GPU command may run 10 minutes at most).
+``--precisions`` pick a subset (a GPU command may run 10 minutes at most). FP8 e4m3 tiles load
+weights (and rows not gathered) by Hopper's tensor copy engine, as the experts op does;
+``--tma both`` also times each config with pointer loads (``off``: those only).
 
 Without a GPU, ``--ptxas`` compiles each config for Hopper (sm_90) instead and records what ptxas
 reports, registers and spilled bytes, with the shared memory and how the K loop runs
@@ -19,6 +21,7 @@ reports, registers and spilled bytes, with the shared memory and how the K loop 
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -90,6 +93,7 @@ def compile_instead_of_running() -> None:
 
     kernel_builds.TARGETS = [GPUTarget("cuda", 90, 32)]
     JITFunction.run = kernel_builds._compile_instead_of_run
+    grouped_gemm._copy_engine = lambda tensor: True  # the launch a Hopper GPU would make
 
 
 def main() -> None:
@@ -98,6 +102,8 @@ def main() -> None:
     parser.add_argument("--ptxas", action="store_true", help="no GPU: compile for sm_90, record registers and spills")
     parser.add_argument("--gemms", nargs="+", choices=GEMMS, default=GEMMS, help="a subset (one run may take long)")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--tma", choices=["on", "off", "both"], default="on",
+                        help="e4m3 tiles by the tensor copy engine (as the experts op), by pointers, or both")
     args = parser.parse_args()
     if args.ptxas:
         compile_instead_of_running()
@@ -130,9 +136,13 @@ def main() -> None:
                                                          a_activation=swiglu, b_rows=token_of_row, scale=scale,
                                                          **weight_grad_options(recipe)), 2 * tokens * k * d * n),
             }
-            for bm, bn, bk, warps, stages in configs:
-                config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-                grouped_gemm._config = lambda *_, config=config, **__: dict(config)
+            e4m3 = recipe in ("rowwise", "blockwise")
+            copy_engine = {"on": [True], "off": [False], "both": [True, False]}[args.tma] if e4m3 else [False]
+            for (bm, bn, bk, warps, stages), tma in itertools.product(configs, copy_engine):
+                config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, TMA=tma)
+                # the weight gradient's operands are not read by the copy engine
+                grouped_gemm._config = lambda kernel, *_, config=config, **__: {
+                    key: value for key, value in config.items() if kernel != "weight_grad" or key != "TMA"}
                 for name in args.gemms:
                     fn, flops = gemms[name]
                     try:
@@ -143,8 +153,8 @@ def main() -> None:
                     rows.append({"shape": [tokens, d, n, experts, k], "precision": precision, "gemm": GEMMS[name],
                                  "config": config, **result})
                     print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:5} {bm:4} {bn:4} {bk:4} "
-                          f"{warps:2} {stages:2}  " + "  ".join(f"{key} {value}" for key, value in result.items()),
-                          flush=True)
+                          f"{warps:2} {stages:2} {'tma' if tma else 'ptr'}  "
+                          + "  ".join(f"{key} {value}" for key, value in result.items()), flush=True)
             grouped_gemm._config = original
     if args.json:
         target = "sm_90 (ptxas, not run)" if args.ptxas else torch.cuda.get_device_name()

@@ -314,6 +314,33 @@ def test_mx_steps_over_several_scale_blocks(monkeypatch):
         assert accuracy.sqnr(kernels[name].cpu(), emulation[name]) > 40, name
 
 
+@pytest.mark.parametrize("recipe", ["rowwise", "blockwise"])
+def test_copy_engine_tiles_match_pointer_loads(recipe, monkeypatch):
+    """e4m3 GEMMs reading weights (and rows not gathered) through tensor descriptors compute the
+    experts op, forward and backward, bit for bit as pointer loads do: the up projection's gate
+    and up tiles beside gathered rows, rows read past an expert's end (down projection, dX), dH;
+    a last partial tile along N and K, an idle expert."""
+    from inductor_moe.kernels import grouped_gemm
+
+    operands = dict(zip(NAMES, make_experts(21, 64, 48, 4, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
+    operands["ids"][:, 0] = 0
+    operands["ids"][:, 1] = 2 + torch.arange(21, device=DEVICE) % 2  # expert 1 idle
+    grad_out = torch.randn_like(operands["x"])
+    config, describe = grouped_gemm._config, grouped_gemm._descriptor
+    descriptors = []
+    monkeypatch.setattr(grouped_gemm, "_descriptor", lambda *args: descriptors.append(describe(*args)) or descriptors[-1])
+    runs = {}
+    for tma in (True, False):
+        tiles = dict(BLOCK_N=32, BLOCK_K=32 if recipe == "rowwise" else 128, **({} if tma else {"TMA": False}))
+        monkeypatch.setattr(grouped_gemm, "_config", lambda *a, tiles=tiles, **k: config(*a, **k) | tiles)
+        with inductor_moe.config.patch(triton_on_cpu=True):
+            runs[tma] = accuracy.run_experts(operands, grad_out, fp8_recipe=recipe, activation="swiglu")
+        if tma:  # the up projection's B, dH's B, A and B of the down projection and of dX
+            assert sum(descriptor is not None for descriptor in descriptors) == 6, descriptors
+    for name in runs[True]:
+        assert torch.equal(runs[True][name], runs[False][name]), name
+
+
 def test_weights_are_quantized_once_per_value(monkeypatch):
     from inductor_moe.kernels import quantize as kernel
     from inductor_moe.ops import triton_impl

@@ -281,8 +281,8 @@ def test_kernels_compile_for_gpus():
     """The kernels compile to GPU code for Hopper and Ampere (Triton's own ptxas, no GPU needed)
     within an H100's shared memory, the quantizers reading 16-byte vectors and whole 32-byte
     sectors (also from a transposed view), and on Hopper every grouped GEMM's K loop is
-    software-pipelined: each tile copied into shared memory ahead of its use, none loaded into
-    registers and waited for, none computed in registers and stored back for the MMA but MXFP8's
+    software-pipelined: each tile copied into shared memory ahead of its use (e4m3 weights, and
+    rows not gathered, by the tensor copy engine), none loaded into registers and waited for, none computed in registers and stored back for the MMA but MXFP8's
     dequantized tiles; its MMAs accumulate in place, except blockwise FP8's, whose K blocks'
     products are scaled before they are added.
 
@@ -305,5 +305,7 @@ def test_kernels_compile_for_gpus():
     assert {loop["fp8"] for loop in loops} == {0, 1, 2, 3}, result.stdout
     for loop in loops:
         assert loop["async_tiles"] >= 2 and loop["register_tiles"] == 0, loop
+        e4m3_gemm = loop["fp8"] in (grouped_gemm.PER_ROW, grouped_gemm.PER_K_BLOCK) and "weight_grad" not in loop["kernel"]
+        assert (loop["tma_tiles"] > 0) == e4m3_gemm, loop  # e4m3 weights by the copy engine
         assert (loop["stored_operands"] > 0) == (loop["fp8"] == grouped_gemm.DEQUANTIZE), loop
         assert loop["mma_from_zero"] == (loop["mma"] if loop["fp8"] == grouped_gemm.PER_K_BLOCK else 0), loop

@@ -26,6 +26,7 @@ from ``quantize.quantize_segments`` (blocks of rows that start at each expert's 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import interpreting
 from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward, load_operand_rows
@@ -103,6 +104,20 @@ def _dequantized(x, scale_ptrs, scale_mask, AXIS: tl.constexpr, FP8: tl.constexp
 
 
 @triton.jit
+def _load_b(b_base, expert, k0, first_col, ks, cols, col_ok, K, stride_bk, stride_bn, TMA: tl.constexpr,
+            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """B's ``[BLOCK_K, BLOCK_N]`` tile of ``expert`` from K step ``k0``: through a tensor descriptor
+    over ``[E, N, K]`` storage from column ``first_col`` (TMA: Hopper's copy engine fills shared
+    memory, zeros past the edges, and the threads compute no addresses), or by pointers from the
+    expert's ``b_base`` at columns ``cols``."""
+    if TMA:
+        return tl.trans(tl.reshape(b_base.load([expert, first_col, k0]), (BLOCK_N, BLOCK_K)))
+    else:
+        return tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                       mask=(ks < K)[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr, a_rows_ptr, b_ptr, c_ptr, h_ptr, bias_ptr, tiles_ptr, offsets_ptr, a_scale_ptr, b_scale_ptr,
     c_scale_ptr, N_OUT, K, E,
@@ -111,7 +126,8 @@ def _gemm_kernel(
     stride_scm, stride_sck, alpha, limit,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
     INTERLEAVED: tl.constexpr, STORE_H: tl.constexpr, FP8: tl.constexpr, B_SCALE_ROWS: tl.constexpr,
-    SCALE_K: tl.constexpr, C_BLOCK: tl.constexpr, C_POW2: tl.constexpr, C_ROUND: tl.constexpr,
+    A_TMA: tl.constexpr, B_TMA: tl.constexpr, SCALE_K: tl.constexpr, C_BLOCK: tl.constexpr, C_POW2: tl.constexpr,
+    C_ROUND: tl.constexpr,
     ROUND_FIRST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -126,7 +142,8 @@ def _gemm_kernel(
         # gate columns (or all columns), and up columns of a gated activation
         gate_cols = 2 * cols if INTERLEAVED else cols
         up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
-        b_base = b_ptr + expert.to(tl.int64) * stride_be
+        tl.static_assert(not (A_TMA and GATHER) and not (B_TMA and INTERLEAVED), "descriptors load contiguous tiles")
+        b_base = b_ptr if B_TMA else b_ptr + expert.to(tl.int64) * stride_be
         # FP8 scales: of A's rows, and of B's gate and up columns ([E, N / B_SCALE_ROWS, K blocks])
         a_scales = a_scale_ptr + a_rows * stride_sam
         b_scales = b_scale_ptr + expert * stride_sbe
@@ -137,8 +154,11 @@ def _gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_blocks, block_ok = _scale_blocks(k0, K, SCALE_K, BLOCK_K)
-            a_mask = row_ok[:, None] & (ks < K)[None, :]
-            a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
+            if A_TMA:  # rows past the expert's are the next expert's: their outputs are not stored
+                a = a_ptr.load([first, k0])
+            else:
+                a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
+                            mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
             a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, row_ok[:, None] & block_ok[None, :],
                              1, FP8)
             if FP8 == 2:  # PER_K_BLOCK
@@ -147,13 +167,14 @@ def _gemm_kernel(
                 up_scale = tl.load(up_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
             else:
                 a_scale, gate_scale, up_scale = 1.0, 1.0, 1.0
-            b_mask = (ks < K)[:, None] & col_ok[None, :]
             b_scale_mask = block_ok[:, None] & col_ok[None, :]
-            b = tl.load(b_base + ks[:, None] * stride_bk + gate_cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+            b = _load_b(b_base, expert, k0, col_tile * BLOCK_N, ks, gate_cols, col_ok, K, stride_bk, stride_bn, B_TMA,
+                        BLOCK_K, BLOCK_N)
             b = _dequantized(b, gate_scales[None, :] + k_blocks[:, None] * stride_sbk, b_scale_mask, 0, FP8)
             acc = _scaled_dot(a, b, acc, a_scale, gate_scale, FP8, DOT_F32, IEEE)
             if GATED:
-                b = tl.load(b_base + ks[:, None] * stride_bk + up_cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+                b = _load_b(b_base, expert, k0, N_OUT + col_tile * BLOCK_N, ks, up_cols, col_ok, K, stride_bk,
+                            stride_bn, B_TMA, BLOCK_K, BLOCK_N)
                 b = _dequantized(b, up_scales[None, :] + k_blocks[:, None] * stride_sbk, b_scale_mask, 0, FP8)
                 acc_up = _scaled_dot(a, b, acc_up, a_scale, up_scale, FP8, DOT_F32, IEEE)
         if FP8 == 1:  # PER_ROW
@@ -196,8 +217,8 @@ def _gemm_act_backward_kernel(
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_hm, stride_hn, stride_gm, stride_gn,
     stride_pm, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk, alpha, limit,
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, FP8: tl.constexpr,
-    B_SCALE_ROWS: tl.constexpr, SCALE_K: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    B_SCALE_ROWS: tl.constexpr, B_TMA: tl.constexpr, SCALE_K: tl.constexpr, DOT_F32: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
     expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E)
@@ -207,7 +228,7 @@ def _gemm_act_backward_kernel(
         a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
         cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N_OUT
-        b_base = b_ptr + expert.to(tl.int64) * stride_be
+        b_base = b_ptr if B_TMA else b_ptr + expert.to(tl.int64) * stride_be
         a_scales = a_scale_ptr + a_rows * stride_sam
         b_scales = b_scale_ptr + expert * stride_sbe + (cols // B_SCALE_ROWS) * stride_sbn
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -218,8 +239,8 @@ def _gemm_act_backward_kernel(
             a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
             a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, row_ok[:, None] & block_ok[None, :],
                              1, FP8)
-            b_mask = (ks < K)[:, None] & col_ok[None, :]
-            b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+            b = _load_b(b_base, expert, k0, col_tile * BLOCK_N, ks, cols, col_ok, K, stride_bk, stride_bn, B_TMA,
+                        BLOCK_K, BLOCK_N)
             b = _dequantized(b, b_scales[None, :] + k_blocks[:, None] * stride_sbk, block_ok[:, None] & col_ok[None, :],
                              0, FP8)
             if FP8 == 2:  # PER_K_BLOCK
@@ -398,6 +419,8 @@ def _config(kernel: str, n: int, k: int, fp8: int = NO_FP8, block_k: int | None 
     else:
         config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64 if k >= 64 else 32, num_warps=4,
                       num_stages=3)
+    if e4m3 and kernel != "weight_grad":
+        config["TMA"] = True  # e4m3 tiles through Hopper's copy engine where it can read them (_descriptor)
     # a step covers whole scale blocks (blockwise: one; the kernels assert it)
     config["BLOCK_K"] = max(config["BLOCK_K"], block_k or 1)
     config["BLOCK_M"] = max(config["BLOCK_M"], block_m or 1)
@@ -425,6 +448,20 @@ def _fp8_mode(a, b, reduced_block: int) -> int:
     torch._check(isinstance(b, Quantized) and a.power_of_two == b.power_of_two,
                  lambda: "FP8 operands need the same recipe")
     return PER_ROW if reduced_block == 0 else DEQUANTIZE if a.power_of_two else PER_K_BLOCK
+
+
+def _copy_engine(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's device has Hopper's tensor copy engine (TMA; the interpreter emulates it)."""
+    return interpreting() or (tensor.is_cuda and torch.cuda.get_device_capability(tensor.device) >= (9, 0))
+
+
+def _descriptor(x: torch.Tensor, block: list, wanted: bool):
+    """A tensor descriptor over ``x`` (its last dim contiguous) in ``block`` tiles, if wanted and
+    the copy engine can read it: e4m3 (the tiles' MMA operand as stored), 16-byte aligned; else None."""
+    aligned = x.stride(-1) == 1 and all(value % 16 == 0 for value in (x.data_ptr(), *x.stride()[:-1]))
+    if wanted and x.dtype == torch.float8_e4m3fn and aligned and _copy_engine(x):
+        return TensorDescriptor.from_tensor(x, block)
+    return None
 
 
 def _operands(a, b):
@@ -463,17 +500,24 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     h = a.new_empty(num_rows, n, dtype=dtype) if store_h else c
     config = _config("gemm", n_out, k, fp8["FP8"], block_k, gated=gated)
     config["BLOCK_N"] = max(config["BLOCK_N"], c_block)  # powers of two: a multiple of the block
+    # the copy engine: B's contiguous gate and up columns of [E, N, K] storage, A's rows unless gathered
+    tma = config.pop("TMA", False)
+    interleaved = gated and activation.interleaved
+    b_tiles = _descriptor(b.transpose(1, 2), [1, config["BLOCK_N"], config["BLOCK_K"]], tma and not interleaved)
+    a_tiles = _descriptor(a, [config["BLOCK_M"], config["BLOCK_K"]], tma and a_rows is None)
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * triton.cdiv(n_out, config["BLOCK_N"]),)
     _gemm_kernel[grid](
-        a, a_rows if a_rows is not None else offsets, b, c, h, bias if bias is not None else b, tiles, offsets,
+        a if a_tiles is None else a_tiles, a_rows if a_rows is not None else offsets, b if b_tiles is None else b_tiles,
+        c, h, bias if bias is not None else b, tiles, offsets,
         *fp8["pointers"], c_scales, n_out, k, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         h.stride(0), h.stride(1), bias.stride(0) if bias is not None else 0, *fp8["strides"], *c_scales.stride(),
         activation.alpha if activation is not None else 0.0, activation.limit if activation is not None else 0.0,
         GATHER=a_rows is not None, HAS_BIAS=bias is not None, ACT=_act_code(activation), GATED=gated,
-        INTERLEAVED=gated and activation.interleaved, STORE_H=store_h, FP8=fp8["FP8"],
-        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], SCALE_K=fp8["SCALE_K"], C_BLOCK=c_block, C_POW2=c_pow2,
+        INTERLEAVED=interleaved, STORE_H=store_h, FP8=fp8["FP8"],
+        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], A_TMA=a_tiles is not None, B_TMA=b_tiles is not None,
+        SCALE_K=fp8["SCALE_K"], C_BLOCK=c_block, C_POW2=c_pow2,
         C_ROUND=_TRITON_DTYPES[dtype], ROUND_FIRST=interpreting() and c_block > 0,
         BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
@@ -490,18 +534,20 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     num_rows = a_rows.shape[0]
     num_experts, k, n_out = b.shape
     config = _config("act_backward", n_out, k, fp8["FP8"], block_k)
+    b_tiles = _descriptor(b.transpose(1, 2), [1, config["BLOCK_N"], config["BLOCK_K"]], config.pop("TMA", False))
     col_tiles = triton.cdiv(n_out, config["BLOCK_N"])
     grad_h = torch.empty_like(h)
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * col_tiles,)
     _gemm_act_backward_kernel[grid](
-        a, a_rows, b, h, scale, grad_h, partial, tiles, offsets, *fp8["pointers"],
+        a, a_rows, b if b_tiles is None else b_tiles, h, scale, grad_h, partial, tiles, offsets, *fp8["pointers"],
         n_out, k, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), h.stride(0), h.stride(1),
         grad_h.stride(0), grad_h.stride(1), partial.stride(0), *fp8["strides"], activation.alpha, activation.limit,
         ACT=_act_code(activation), GATED=activation.gated, INTERLEAVED=activation.interleaved, FP8=fp8["FP8"],
-        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], SCALE_K=fp8["SCALE_K"], BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
+        B_SCALE_ROWS=fp8["B_SCALE_ROWS"], B_TMA=b_tiles is not None, SCALE_K=fp8["SCALE_K"],
+        BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
     return grad_h, partial
 
