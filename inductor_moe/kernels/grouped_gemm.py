@@ -20,7 +20,9 @@ Accumulation in float32; bf16, fp16 and fp32 inputs, or FP8: e4m3 operands
 instructions, and an FP8 tensor-core step over MX's 32-element blocks would spend more time
 rescaling than multiplying: MX tiles are dequantized in registers instead, exactly (e4m3 times a
 power of two is a bfloat16), and multiplied in bfloat16. ``weight_grad`` takes its FP8 operands
-from ``quantize.quantize_segments`` (blocks of rows that start at each expert's first row).
+from ``quantize.quantize_segments`` (blocks of rows that start at each expert's first row). On
+Hopper the e4m3 GEMMs load B, and A where its rows are not gathered, by the tensor copy engine
+(TMA descriptors, ``_descriptor``); everything else by pointers.
 """
 
 import torch
