@@ -331,12 +331,18 @@ def test_copy_engine_tiles_match_pointer_loads(recipe, monkeypatch):
     monkeypatch.setattr(grouped_gemm, "_descriptor", lambda *args: descriptors.append(describe(*args)) or descriptors[-1])
     runs = {}
     for tma in (True, False):
-        tiles = dict(BLOCK_N=32, BLOCK_K=32 if recipe == "rowwise" else 128, **({} if tma else {"TMA": False}))
-        monkeypatch.setattr(grouped_gemm, "_config", lambda *a, tiles=tiles, **k: config(*a, **k) | tiles)
+        def tiles(*args, tma=tma, **kwargs):
+            chosen = config(*args, **kwargs) | dict(BLOCK_N=32, BLOCK_K=32 if recipe == "rowwise" else 128)
+            if not tma:
+                chosen.pop("TMA", None)  # pointer loads
+            return chosen
+
+        monkeypatch.setattr(grouped_gemm, "_config", tiles)
         with inductor_moe.config.patch(triton_on_cpu=True):
             runs[tma] = accuracy.run_experts(operands, grad_out, fp8_recipe=recipe, activation="swiglu")
-        if tma:  # the up projection's B, dH's B, A and B of the down projection and of dX
-            assert sum(descriptor is not None for descriptor in descriptors) == 6, descriptors
+        # the up projection's B, dH's B, A and B of the down projection and of dX; or none
+        assert sum(descriptor is not None for descriptor in descriptors) == (6 if tma else 0), descriptors
+        descriptors.clear()
     for name in runs[True]:
         assert torch.equal(runs[True][name], runs[False][name]), name
 
