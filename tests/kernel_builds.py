@@ -96,9 +96,17 @@ def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
     built.append(kernel.fn.__name__)
 
 
-def compile_all() -> None:
+def compile_instead_of_running(targets=TARGETS) -> None:
+    """Every kernel launch from now on compiles for ``targets`` instead, as a Hopper GPU would launch
+    it (e4m3 tiles by the copy engine; e4m3 kernels build for sm_90 only)."""
+    global TARGETS
+    TARGETS = targets
     JITFunction.run = _compile_instead_of_run
-    grouped_gemm._copy_engine = lambda tensor: True  # as on a Hopper GPU (its e4m3 kernels build for sm_90 only)
+    grouped_gemm._copy_engine = lambda tensor: True
+
+
+def compile_all() -> None:
+    compile_instead_of_running()
     experts, tokens, k, hidden, inner = 8, 40, 2, 256, 128
     for dtype in (torch.bfloat16, torch.float32):
         ids = torch.randint(0, experts, (tokens, k))

@@ -460,10 +460,10 @@ def _copy_engine(tensor: torch.Tensor) -> bool:
 def _descriptor(x: torch.Tensor, block: list, wanted: bool):
     """A tensor descriptor over ``x`` (its last dim contiguous) in ``block`` tiles, if wanted and
     the copy engine can read it: e4m3 (the tiles' MMA operand as stored), 16-byte aligned; else None."""
+    if not (wanted and x.dtype == torch.float8_e4m3fn and _copy_engine(x)):
+        return None
     aligned = x.stride(-1) == 1 and all(value % 16 == 0 for value in (x.data_ptr(), *x.stride()[:-1]))
-    if wanted and x.dtype == torch.float8_e4m3fn and aligned and _copy_engine(x):
-        return TensorDescriptor.from_tensor(x, block)
-    return None
+    return TensorDescriptor.from_tensor(x, block) if aligned else None
 
 
 def _operands(a, b):
