@@ -1,5 +1,5 @@
 """bf16 weight gradients on a Hopper GPU: the experts op's training step with them by our Triton
-kernel (operands gathered, scaled and the activation recomputed as it loads them) against
+kernel (the routing weights times act(H) from a pass of its own, rows gathered as it loads them) against
 torch._grouped_mm on materialised operands (``triton_impl.vendor_weight_grads`` picks one),
 interleaved in one process at SonicMoE's shapes; medians and the gradients' relative difference.
 
