@@ -5,7 +5,8 @@ op's output and its x, w1, w2 gradients on Gaussian data, the same for the recip
 emulation (ops/cpu.py), and of every transformers family block compiled with config.fp8 (output
 and input gradient). Throughput (CUDA only): the experts op forward (weights quantized once, as
 in inference) and forward + backward (weights quantized every step, as in training) at SonicMoE's
-shapes, bf16 against each recipe, medians from triton.testing.do_bench.
+shapes, bf16 against each recipe (rowwise training also with bf16 weight gradients,
+config.fp8_weight_grad = False), medians from triton.testing.do_bench.
 
     python benchmarks/fp8.py --no-families --json benchmarks/results/<device>_fp8.json
     python benchmarks/fp8.py --accuracy-only --json benchmarks/results/cpu_fp8_accuracy.json
@@ -65,23 +66,30 @@ def throughput_rows() -> list[dict]:
         leaves = {name: t.detach().requires_grad_(name in accuracy.GRADIENTS) if t is not None else None
                   for name, t in operands.items()}
         medians = {}
-        for recipe in (None, *fp8.RECIPES):
+        # (name, recipe, FP8 weight gradients): config.fp8_weight_grad = False keeps dW in bf16
+        variants = [("bf16", None, True)] + [(recipe, recipe, True) for recipe in fp8.RECIPES]
+        variants.insert(2, ("rowwise, bf16 dW", "rowwise", False))
+        for impl, recipe, fp8_dw in variants:
             def forward(recipe=recipe):
                 with torch.no_grad():
                     return torch.ops.inductor_moe.experts(*operands.values(), "swiglu", fp8_recipe=recipe)
 
-            def train_step(recipe=recipe):
+            def train_step(recipe=recipe, fp8_dw=fp8_dw):
                 triton_impl._QUANTIZED_WEIGHTS.clear()  # training: weights change every step
-                out = torch.ops.inductor_moe.experts(*leaves.values(), "swiglu", fp8_recipe=recipe)[0]
+                out = torch.ops.inductor_moe.experts(*leaves.values(), "swiglu", fp8_recipe=recipe,
+                                                     fp8_weight_grad=fp8_dw)[0]
                 torch.autograd.grad(out, [leaves[name] for name in accuracy.GRADIENTS], grad)
 
-            for mode, fn, mode_flops in (("forward", forward, flops), ("forward + backward", train_step, 3 * flops)):
+            modes = [("forward + backward", train_step, 3 * flops)]
+            if fp8_dw:  # the weight gradients' precision changes nothing forward
+                modes.insert(0, ("forward", forward, flops))
+            for mode, fn, mode_flops in modes:
                 ms = triton.testing.do_bench(fn, return_mode="median")
-                medians[mode, recipe] = ms
-                rows.append({"benchmark": f"experts {mode}", "shape": shape, "impl": recipe or "bf16",
+                medians[mode, recipe] = medians.get((mode, recipe), ms)
+                rows.append({"benchmark": f"experts {mode}", "shape": shape, "impl": impl,
                              "median_ms": round(ms, 4), "tflops": round(mode_flops / ms / 1e9, 1),
                              "speedup_vs_bf16": round(medians[mode, None] / ms, 3)})
-                print(f"{str(tuple(shape.values())):30} {mode:20} {recipe or 'bf16':10} {ms:9.3f} ms "
+                print(f"{str(tuple(shape.values())):30} {mode:20} {impl:17} {ms:9.3f} ms "
                       f"{rows[-1]['tflops']:7.1f} TFLOP/s {rows[-1]['speedup_vs_bf16']:5.2f}x", flush=True)
         del operands, leaves
         torch.cuda.empty_cache()
