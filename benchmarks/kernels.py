@@ -1,7 +1,8 @@
 """Kernel benchmark (GPU): the grouped GEMM with fused gather against torch._grouped_mm and a
-dense matmul of the same FLOPs, and the routing, align and unpermute kernels, at SonicMoE's
-shapes and at decode sizes. Medians from triton.testing.do_bench, TFLOP/s or GB/s, and the
-share of this device's roofline measured in the same run (a dense bf16 matmul, a copy).
+dense matmul of the same FLOPs, the routing, align and unpermute kernels, and the FP8 rowwise
+quantizer's passes of a training step, at SonicMoE's shapes and at decode sizes. Medians from
+triton.testing.do_bench, TFLOP/s or GB/s, and the share of this device's roofline measured in
+the same run (a dense bf16 matmul, a copy).
 
     python benchmarks/kernels.py --json benchmarks/results/<device>_kernels.json
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke    # the code path on CPU, tiny shapes
@@ -16,7 +17,7 @@ import torch
 import triton
 
 from inductor_moe import benchmark
-from inductor_moe.kernels import align, grouped_gemm, routing, unpermute
+from inductor_moe.kernels import align, grouped_gemm, quantize, routing, unpermute
 from inductor_moe.ops.activations import Activation
 
 # SonicMoE's (T, d, n, E, K) and decode sizes
@@ -65,7 +66,7 @@ def bench_shape(tokens, d, n, experts, k, device, dtype, peak) -> list[dict]:
     rows = tokens * k
     up_flops = 2 * rows * d * 2 * n
     gathered = x[token_of_row.long()]
-    a, _ = grouped_gemm.gemm(x, w1, offsets, a_rows=token_of_row, activation=act)
+    a, h = grouped_gemm.gemm(x, w1, offsets, a_rows=token_of_row, activation=act, store_h=True)
     y, _ = grouped_gemm.gemm(a, w2, offsets)
     dense_a, dense_b = torch.randn(rows, d, device=device, dtype=dtype), torch.randn(d, 2 * n, device=device, dtype=dtype)
     results = [
@@ -87,6 +88,21 @@ def bench_shape(tokens, d, n, experts, k, device, dtype, peak) -> list[dict]:
         row("unpermute-reduce", shape, "inductor_moe", peak=peak, bytes_moved=(rows + tokens) * d * y.element_size(),
             ms=median_ms(lambda: unpermute.unpermute_reduce(y, inverse, weights, tokens, k))),
     ]
+    # FP8 rowwise: (pass, its call, bytes moved: bf16 read once, e4m3 written)
+    starts = quantize.segment_starts(offsets, 0)
+    fp8_passes = [
+        ("x", lambda: quantize.quantize(x, 1, 0), 3 * x.numel()),
+        ("w1, forward orientation", lambda: quantize.quantize_weight(w1, 1, 0), 3 * w1.numel()),
+        ("w1, backward orientation (transposed view)", lambda: quantize.quantize_weight(w1.transpose(1, 2), 1, 0),
+         3 * w1.numel()),
+        ("x gathered, by expert segment", lambda: quantize.quantize_segments(x, offsets, starts, 0, rows=token_of_row),
+         3 * rows * d),
+        ("act(H) from H, by expert segment", lambda: quantize.quantize_segments(h, offsets, starts, 0, activation=act),
+         5 * rows * n),  # H's 2n columns read, act(H)'s n written
+    ]
+    for name, call, bytes_moved in fp8_passes:
+        results.append(row(f"FP8 rowwise quantize: {name}", shape, "inductor_moe", median_ms(call),
+                           bytes_moved=bytes_moved, peak=peak))
     return results
 
 
@@ -104,7 +120,7 @@ def main() -> None:
         results += bench_shape(*shape, device, dtype, peak)
     for r in results:
         speed = f"{r['tflops']:8.1f} TFLOP/s" if "tflops" in r else f"{r.get('gbps', 0):8.1f} GB/s   "
-        print(f"{str(tuple(r['shape'].values())):32} {r['benchmark']:24} {r['impl']:42} {r['median_ms']:9.4f} ms "
+        print(f"{str(tuple(r['shape'].values())):32} {r['benchmark']:62} {r['impl']:42} {r['median_ms']:9.4f} ms "
               f"{speed} {r.get('roofline_pct', 0):5.1f}% of roofline")
     if args.json:
         device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
