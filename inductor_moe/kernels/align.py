@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import cdiv, interpreting, next_power_of_2
 
 
 @triton.jit
@@ -76,8 +76,8 @@ def align(ids: torch.Tensor, num_experts: int):
     flat = ids.reshape(-1).contiguous()
     pairs = flat.numel()
     block = 16 if interpreting() else 128
-    num_blocks = max(1, triton.cdiv(pairs, block))
-    block_e = triton.next_power_of_2(num_experts)
+    num_blocks = max(1, cdiv(pairs, block))
+    block_e = next_power_of_2(num_experts)
     device = ids.device
     counts = torch.empty(num_blocks, num_experts, device=device, dtype=torch.int32)
     base = torch.empty_like(counts)
@@ -99,4 +99,4 @@ def tile_starts(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
 
 def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     """An upper bound of the tiles, known without reading the counts: the GEMMs' grid size."""
-    return triton.cdiv(num_rows, block_m) + num_experts
+    return cdiv(num_rows, block_m) + num_experts

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import interpreting
+from . import cdiv, interpreting, next_power_of_2
 from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward, load_operand_rows
 from .align import max_tiles, tile_starts
 from .quantize import SEGMENT_ALIGN, Quantized, quantize_blocks, quantize_segments, segment_starts
@@ -498,7 +498,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     dtype = out_dtype or a.dtype
     c_block, c_pow2 = fp8_out or (0, False)
     c = a.new_empty(num_rows, n_out, dtype=torch.float8_e4m3fn if fp8_out else dtype)
-    c_scales = a.new_empty(num_rows, triton.cdiv(n_out, c_block), dtype=torch.float32) if fp8_out else c
+    c_scales = a.new_empty(num_rows, cdiv(n_out, c_block), dtype=torch.float32) if fp8_out else c
     h = a.new_empty(num_rows, n, dtype=dtype) if store_h else c
     config = _config("gemm", n_out, k, fp8["FP8"], block_k, gated=gated)
     config["BLOCK_N"] = max(config["BLOCK_N"], c_block)  # powers of two: a multiple of the block
@@ -508,7 +508,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     b_tiles = _descriptor(b.transpose(1, 2), [1, config["BLOCK_N"], config["BLOCK_K"]], tma and not interleaved)
     a_tiles = _descriptor(a, [config["BLOCK_M"], config["BLOCK_K"]], tma and a_rows is None)
     tiles = tile_starts(offsets, config["BLOCK_M"])
-    grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * triton.cdiv(n_out, config["BLOCK_N"]),)
+    grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * cdiv(n_out, config["BLOCK_N"]),)
     _gemm_kernel[grid](
         a if a_tiles is None else a_tiles, a_rows if a_rows is not None else offsets, b if b_tiles is None else b_tiles,
         c, h, bias if bias is not None else b, tiles, offsets,
@@ -521,7 +521,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
         B_SCALE_ROWS=fp8["B_SCALE_ROWS"], A_TMA=a_tiles is not None, B_TMA=b_tiles is not None,
         SCALE_K=fp8["SCALE_K"], C_BLOCK=c_block, C_POW2=c_pow2,
         C_ROUND=_TRITON_DTYPES[dtype], ROUND_FIRST=interpreting() and c_block > 0,
-        BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
+        BLOCK_E=next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
     if fp8_out:
         c = Quantized(c, c_scales, (1, c_block), c_pow2)
@@ -537,7 +537,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     num_experts, k, n_out = b.shape
     config = _config("act_backward", n_out, k, fp8["FP8"], block_k)
     b_tiles = _descriptor(b.transpose(1, 2), [1, config["BLOCK_N"], config["BLOCK_K"]], config.pop("TMA", False))
-    col_tiles = triton.cdiv(n_out, config["BLOCK_N"])
+    col_tiles = cdiv(n_out, config["BLOCK_N"])
     grad_h = torch.empty_like(h)
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
     tiles = tile_starts(offsets, config["BLOCK_M"])
@@ -549,7 +549,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
         grad_h.stride(0), grad_h.stride(1), partial.stride(0), *fp8["strides"], activation.alpha, activation.limit,
         ACT=_act_code(activation), GATED=activation.gated, INTERLEAVED=activation.interleaved, FP8=fp8["FP8"],
         B_SCALE_ROWS=fp8["B_SCALE_ROWS"], B_TMA=b_tiles is not None, SCALE_K=fp8["SCALE_K"],
-        BLOCK_E=triton.next_power_of_2(num_experts), **_flags(a.dtype), **config,
+        BLOCK_E=next_power_of_2(num_experts), **_flags(a.dtype), **config,
     )
     return grad_h, partial
 
@@ -561,7 +561,7 @@ def scaled_activation(h, activation=None, scale=None, rows=None):
     num_rows, n = (h if rows is None else rows).shape[0], h.shape[1] // (2 if gated else 1)
     out = h.new_empty(num_rows, n)
     block_m, block_n = (16, 16) if interpreting() else (32, 128)
-    _scaled_activation_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(n, block_n))](
+    _scaled_activation_kernel[(cdiv(num_rows, block_m), cdiv(n, block_n))](
         h, rows if rows is not None else h, scale if scale is not None else h, out, num_rows, n, *h.stride(),
         *out.stride(), activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None else 0.0, GATHER=rows is not None, ACT=_act_code(activation),
@@ -600,7 +600,7 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         scale_pointers, scale_strides = (a.scales, b.scales, starts), (*a.scales.stride(), *b.scales.stride())
         a, b = a.values, b.values
     config = _config("weight_grad", nd, kd, fp8, block_m=fp8_rows, itemsize=b.element_size())
-    grid = (triton.cdiv(nd, config["BLOCK_N"]), triton.cdiv(kd, config["BLOCK_K"]), num_experts)
+    grid = (cdiv(nd, config["BLOCK_N"]), cdiv(kd, config["BLOCK_K"]), num_experts)
     _weight_grad_kernel[grid](
         a, a_rows if a_rows is not None else offsets, b, b_rows if b_rows is not None else offsets,
         scale if scale is not None else b, out, bias_grad if bias_grad is not None else out, offsets,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import cdiv, interpreting, next_power_of_2
 from .activations import CODES, load_operand_rows
 from .align import max_tiles, tile_starts
 
@@ -147,16 +147,16 @@ def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bo
     for size in (rows, block_cols):
         torch._check(size & (size - 1) == 0, lambda: f"FP8 blocks: sizes must be powers of two or 0, got {size}")
     q = torch.empty(batched.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(batch, triton.cdiv(m, rows), triton.cdiv(k, block_cols or k), dtype=torch.float32,
+    scales = torch.empty(batch, cdiv(m, rows), cdiv(k, block_cols or k), dtype=torch.float32,
                          device=x.device)
     # a transposed view (a weight's backward orientation) lays rows side by side: a program takes
     # enough of them that each column it reads is a whole 32-byte sector, not a 16-byte half
     side_by_side = 16 if batched.stride(1) == 1 and k > 1 else 1
     kernel_cols = block_cols
-    if not block_cols and rows == 1 and triton.next_power_of_2(k) * side_by_side <= HELD_ELEMENTS:
+    if not block_cols and rows == 1 and next_power_of_2(k) * side_by_side <= HELD_ELEMENTS:
         # a row's one block, held in registers: read once (sweeping it twice reads it twice from
         # memory once the programs in flight hold more than the L2 cache)
-        kernel_cols = triton.next_power_of_2(k)
+        kernel_cols = next_power_of_2(k)
     chunk = max(kernel_cols, 64 if interpreting() or side_by_side > 1 else 128)  # MX: several blocks a row
     if rows > 1:
         rows_per_program = rows  # one shared block
@@ -165,7 +165,7 @@ def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bo
     else:
         # whole rows, swept twice; side by side, 64 x 64 tiles (H100: 5% faster than 32 x 128)
         rows_per_program = 16 if interpreting() else 8 if side_by_side == 1 else 64
-    _quantize_kernel[(triton.cdiv(m, rows_per_program), triton.cdiv(k, chunk) if kernel_cols else 1, batch)](
+    _quantize_kernel[(cdiv(m, rows_per_program), cdiv(k, chunk) if kernel_cols else 1, batch)](
         batched, q, scales, m, k, *batched.stride(), *q.stride(), *scales.stride(),
         ROWS=rows_per_program, BLOCK_COLS=kernel_cols, SHARED=rows > 1, CHUNK=chunk, POW2=power_of_two,
         ROUND_FIRST=interpreting(), num_warps=8 if rows_per_program * chunk > 4096 else 4,
@@ -277,7 +277,7 @@ def quantize_segments(x, offsets, starts, block_rows: int, *, rows=None, activat
     # offsets within a tile of columns are 32-bit (here and in the weight gradient's loads)
     torch._check(128 * padded_rows < 2**31,
                  lambda: f"quantize_segments: {num_rows} rows of {num_experts} experts, over 32-bit offsets")
-    _quantize_segments_kernel[(num_experts, triton.cdiv(n, block_n))](
+    _quantize_segments_kernel[(num_experts, cdiv(n, block_n))](
         x, rows if rows is not None else offsets, row_scale if row_scale is not None else x, q, scales,
         column_sums if column_sums is not None else scales, starts, offsets, n,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scales.stride(0), scales.stride(1),

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import cdiv, interpreting, next_power_of_2
 
 
 @triton.jit
@@ -131,9 +131,9 @@ def _route_backward_kernel(
 
 
 def _blocks(num_experts: int, k: int) -> dict:
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = next_power_of_2(num_experts)
     block_t = max(1, min(64, 4096 // block_e)) if not interpreting() else 16
-    return dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k))
+    return dict(BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_power_of_2(k))
 
 
 def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_group=1, scale=1.0,
@@ -144,7 +144,7 @@ def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_grou
     weights = torch.empty(num_tokens, k, device=logits.device, dtype=torch.float32)
     ids = torch.empty(num_tokens, k, device=logits.device, dtype=torch.int32)
     blocks = _blocks(num_experts, k)
-    _route_kernel[(triton.cdiv(num_tokens, blocks["BLOCK_T"]),)](
+    _route_kernel[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
         logits, bias if bias is not None else logits, weights, ids,
         num_tokens, num_experts, logits.stride(0), scale, group_fill,
         K=k, SIGMOID=sigmoid, HAS_BIAS=bias is not None, RENORMALIZE=renormalize,
@@ -160,7 +160,7 @@ def route_backward(grad_weights, logits, ids, renormalize, sigmoid=False, scale=
     k = ids.shape[1]
     grad_logits = torch.empty(num_tokens, num_experts, device=logits.device, dtype=torch.float32)
     blocks = _blocks(num_experts, k)
-    _route_backward_kernel[(triton.cdiv(num_tokens, blocks["BLOCK_T"]),)](
+    _route_backward_kernel[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
         grad_weights.contiguous(), logits, ids.contiguous(), grad_logits,
         num_tokens, num_experts, logits.stride(0), scale,
         K=k, SIGMOID=sigmoid, RENORMALIZE=renormalize, **blocks,
