@@ -1,7 +1,8 @@
 """inductor_moe's two graph passes and their installation into Inductor's config.
 
     pre_grad_custom_pass       patterns.graph_pass.rewrite_moe: MoE blocks -> canonical ops
-    post_grad_custom_pre_pass  lowerings.cpu.decompose: canonical ops on CPU -> traced CPU code
+    post_grad_custom_pre_pass  lowerings.post_grad: canonical ops on CPU -> traced CPU code;
+                               extern experts calls whose h nothing reads skip storing it
 
 Each is chained onto what the setting held before (a user's pass keeps running, first). Their
 ``uuid()`` covers every source file of the package and every config value, so Inductor's caches
@@ -15,7 +16,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.fx import Graph
 
 from . import config, transformers_experts
-from .lowerings.cpu import decompose
+from .lowerings import post_grad
 from .patterns.graph_pass import rewrite_moe
 
 
@@ -53,7 +54,7 @@ def install() -> None:
     """Chain both passes onto Inductor's config (again after a user replaced those settings), and
     have transformers' eager experts traced as tensor code."""
     transformers_experts.install()
-    for setting, run in (("pre_grad_custom_pass", rewrite_moe), ("post_grad_custom_pre_pass", decompose)):
+    for setting, run in (("pre_grad_custom_pass", rewrite_moe), ("post_grad_custom_pre_pass", post_grad)):
         current = getattr(inductor_config, setting)
         if not any(isinstance(p, ChainedPass) for p in _passes_of(current)):
             setattr(inductor_config, setting, ChainedPass(run, current))

@@ -274,6 +274,36 @@ def test_compiled_model_on_kernels_matches_eager():
     with inductor_moe.config.patch(triton_on_cpu=True):
         assert_matches_eager(model, torch.compile(model), torch.randn(13, cfg.hidden, device=DEVICE))
     assert torch._dynamo.utils.counters["inductor_moe"]["dense_loop_experts"] == 1
+    assert torch._dynamo.utils.counters["inductor_moe"]["experts_without_h"] == 0  # the backward reads h
+
+
+def test_compiled_inference_on_kernels_does_not_store_h(monkeypatch):
+    """Compiled for inference (nothing saves h for a backward), the experts call on the kernels
+    is told not to store h: the up projection runs without it, and the output is unchanged."""
+    cfg = models.MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2)
+    model = models.DenseLoop(cfg).to(device=DEVICE)
+    x = torch.randn(13, cfg.hidden, device=DEVICE)
+    gemm, stored = grouped_gemm.gemm, []
+    monkeypatch.setattr(grouped_gemm, "gemm", lambda *a, **k: stored.append(k.get("store_h")) or gemm(*a, **k))
+    with inductor_moe.config.patch(triton_on_cpu=True), torch.no_grad():
+        expected = model(x)
+        actual = torch.compile(model)(x)
+    assert torch._dynamo.utils.counters["inductor_moe"]["experts_without_h"] == 1
+    assert stored and not any(stored), stored
+    assert_close(actual, expected, LOW[torch.float32], "output")
+
+
+@pytest.mark.parametrize("on_kernels", [False, True])
+def test_experts_op_without_h(on_kernels):
+    """store_h=False: the same output, h empty ([0, N]), and a clear error on backward."""
+    args = make_experts(9, 16, 8, 4, 2, Activation("swiglu"), torch.float32, device=DEVICE)
+    x = args[0].detach().requires_grad_()
+    with inductor_moe.config.patch(triton_on_cpu=on_kernels):
+        out, h, _, _ = torch.ops.inductor_moe.experts(x, *args[1:], "swiglu")
+        out_without, h_without, _, _ = torch.ops.inductor_moe.experts(x, *args[1:], "swiglu", store_h=False)
+        assert torch.equal(out_without, out) and h.shape == (18, 16) and h_without.shape == (0, 16)
+        with pytest.raises(RuntimeError, match="store_h=False"):
+            out_without.sum().backward()
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="compiled and run for real on this machine's GPU")

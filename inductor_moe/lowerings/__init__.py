@@ -3,13 +3,20 @@
 ``cpu``: a post-grad pass replaces each op by its CPU code traced into aten, so Inductor fuses
 the pointwise parts around extern grouped GEMMs. Where that does not apply (other devices, dtypes
 ``_grouped_mm`` cannot compile), the op runs as one extern call of its eager implementation: the
-fallbacks registered here.
+fallbacks registered here. An experts call whose ``h`` nothing reads (an inference graph: no
+backward saves it) is told not to store it.
 """
 
-import torch
-from torch._inductor.lowering import make_fallback
+import operator
 
-from . import cpu  # noqa: F401
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.lowering import make_fallback
+from torch.fx import Graph
+
+from . import cpu
+
+_STORE_H = [a.name for a in torch.ops.inductor_moe.experts.default._schema.arguments].index("store_h")
 
 for _op in (
     torch.ops.inductor_moe.route.default,
@@ -18,3 +25,19 @@ for _op in (
     torch.ops.inductor_moe.experts_backward.default,
 ):
     make_fallback(_op, warn=False)
+
+
+def post_grad(graph: Graph) -> None:
+    """inductor_moe's post-grad pass: canonical ops on CPU become their traced code; an experts
+    call left extern whose h no node reads skips storing it (T * k rows of the first projection)."""
+    cpu.decompose(graph)
+    for node in graph.find_nodes(op="call_function", target=torch.ops.inductor_moe.experts.default):
+        if any(user.target is operator.getitem and user.args[1] == 1 for user in node.users):
+            continue
+        if len(node.args) > _STORE_H:
+            node.update_arg(_STORE_H, False)
+        else:
+            node.update_kwarg("store_h", False)
+        out, h, order, offsets = node.meta["val"]
+        node.meta["val"] = (out, h.new_empty(0, h.shape[1]), order, offsets)
+        counters["inductor_moe"]["experts_without_h"] += 1

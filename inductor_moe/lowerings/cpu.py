@@ -95,5 +95,5 @@ def _experts_backward(match: Match, *args, **kwargs):
 
 
 def decompose(graph: Graph) -> None:
-    """The post-grad pass: replace canonical ops on CPU by their traced CPU code."""
+    """Replace canonical ops on CPU by their traced CPU code (the post-grad pass's first step)."""
     _PASS.apply(graph)

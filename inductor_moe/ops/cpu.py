@@ -186,9 +186,11 @@ def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, s
     return grad_logits.to(logits.dtype)
 
 
-def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe: str | None = None):
-    """The ``experts`` op's computation: (out, h, order, offsets); see ops/experts.py. With an
-    ``fp8_recipe`` (ops/fp8.py) both GEMMs take e4m3-rounded operands and accumulate in float32."""
+def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe: str | None = None,
+                    store_h: bool = True):
+    """The ``experts`` op's computation: (out, h, order, offsets); see ops/experts.py (h empty
+    without ``store_h``). With an ``fp8_recipe`` (ops/fp8.py) both GEMMs take e4m3-rounded
+    operands and accumulate in float32."""
     num_tokens, k = ids.shape
     flat_ids = ids.reshape(-1)
     order, offsets = sort_by_expert(flat_ids, w1.shape[0])
@@ -200,7 +202,7 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe
     if b2 is not None:
         y = y + gather_rows(b2, flat_ids[order])
     out = unpermute_reduce(y, order, weights, num_tokens).to(x.dtype)
-    return out, h, order, offsets
+    return out, h if store_h else h.new_empty(0, h.shape[1]), order, offsets
 
 
 def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act: Activation,

@@ -16,7 +16,8 @@ operands with float32 accumulation: both forward GEMMs and the backward's activa
 GEMMs, and its weight-gradient GEMMs too unless ``fp8_weight_grad`` is False.
 
 Besides ``out`` the op returns what its backward needs and cannot cheaply recompute: ``h``, the
-first projection's output (pre-activation, rows in expert order, ``[T*k, N]``), and the routing
+first projection's output (pre-activation, rows in expert order, ``[T*k, N]``; ``[0, N]`` with
+``store_h`` False, which Inductor's post-grad pass sets where nothing reads it: inference), and the routing
 metadata ``order`` (pair indices sorted by expert) and ``offsets`` (int32 ends of each expert's
 rows). Autograd therefore keeps x, the routing tensors, the weights (all inputs), h and the
 metadata: about 2*T*H + 4*T*k*I bytes beyond the inputs in bf16 for a gated activation. The
@@ -116,24 +117,30 @@ def experts(
     limit: float = 7.0,
     fp8_recipe: str | None = None,
     fp8_weight_grad: bool = True,
+    store_h: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     act = Activation(activation, interleaved, alpha, limit)
     _check(x, ids, weights, w1, w2, b1, b2, act, fp8_recipe)
     _check_ids_in_range(ids, w1.shape[0])
-    return implementation.of(x).experts_forward(x, ids, weights, w1, w2, b1, b2, act, fp8_recipe)
+    return implementation.of(x).experts_forward(x, ids, weights, w1, w2, b1, b2, act, fp8_recipe, store_h)
 
 
 @experts.register_fake
 def _(x, ids, weights, w1, w2, b1, b2, activation, interleaved=False, alpha=1.702, limit=7.0, fp8_recipe=None,
-      fp8_weight_grad=True):
+      fp8_weight_grad=True, store_h=True):
     _check(x, ids, weights, w1, w2, b1, b2, Activation(activation, interleaved, alpha, limit), fp8_recipe)
     pairs = ids.shape[0] * ids.shape[1]
     return (
         x.new_empty(x.shape),
-        x.new_empty(pairs, w1.shape[2]),
+        x.new_empty(pairs if store_h else 0, w1.shape[2]),
         ids.new_empty(pairs, dtype=torch.int64),
         ids.new_empty(w1.shape[0], dtype=torch.int32),
     )
+
+
+def _check_h_stored(h: Tensor, ids: Tensor) -> None:
+    torch._check(h.shape[0] == ids.numel(),
+                 lambda: "inductor_moe.experts_backward: h is empty: the forward ran with store_h=False")
 
 
 @torch.library.custom_op("inductor_moe::experts_backward", mutates_args=())
@@ -157,6 +164,7 @@ def experts_backward(
     fp8_weight_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, weights, w1, w2, b1, b2); a bias gradient is empty when the bias is None."""
+    _check_h_stored(h, ids)
     act = Activation(activation, interleaved, alpha, limit)
     return implementation.of(x).experts_backward(
         grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, act, fp8_recipe, fp8_weight_grad
@@ -165,6 +173,7 @@ def experts_backward(
 
 @experts_backward.register_fake
 def _(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *options):
+    _check_h_stored(h, ids)
     def like(t):
         return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
@@ -175,7 +184,7 @@ def _(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *options):
 
 
 def _setup_context(ctx, inputs, output):
-    x, ids, weights, w1, w2, b1, b2, *options = inputs
+    x, ids, weights, w1, w2, b1, b2, *options, _store_h = inputs
     _, h, order, offsets = output
     ctx.save_for_backward(x, ids, weights, w1, w2, b1, b2, h, order, offsets)
     ctx.options = options  # activation and precision
@@ -186,7 +195,7 @@ def _backward(ctx, grad_out, _grad_h, _grad_order, _grad_offsets):
     grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2 = experts_backward(
         grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offsets, *ctx.options
     )
-    no_grads = [None] * len(ctx.options)
+    no_grads = [None] * (len(ctx.options) + 1)  # and store_h
     grad_b1, grad_b2 = (None if b is None else grad for b, grad in ((b1, grad_b1), (b2, grad_b2)))
     return (grad_x, None, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2, *no_grads)
 

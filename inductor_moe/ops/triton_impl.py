@@ -87,17 +87,17 @@ def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, s
                                   scoring == "sigmoid", scale)
 
 
-def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe=None):
+def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe=None, store_h=True):
     num_tokens, k = ids.shape
     order, inverse, token_of_row, offsets = align.align(ids, w1.shape[0])
     # FP8: x is quantized per token, before the gather: T rows, not T * k
     fused = epilogue_blocks(fp8_recipe)
     a, h = grouped_gemm.gemm(activation_operand(x, fp8_recipe), weight_operand(w1, fp8_recipe), offsets, a_rows=token_of_row,
-                             bias=b1, activation=act, store_h=True, out_dtype=x.dtype, fp8_out=fused)
+                             bias=b1, activation=act, store_h=store_h, out_dtype=x.dtype, fp8_out=fused)
     a = a if fused else activation_operand(a, fp8_recipe)
     y, _ = grouped_gemm.gemm(a, weight_operand(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
     out = unpermute.unpermute_reduce(y, inverse, weights, num_tokens, k, out_dtype=x.dtype)
-    return out, h, order.long(), offsets
+    return out, h if store_h else x.new_empty(0, w1.shape[2]), order.long(), offsets
 
 
 def _like_storage(weight: torch.Tensor) -> torch.Tensor:
