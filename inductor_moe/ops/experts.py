@@ -17,11 +17,12 @@ GEMMs, and its weight-gradient GEMMs too unless ``fp8_weight_grad`` is False.
 
 Besides ``out`` the op returns what its backward needs and cannot cheaply recompute: ``h``, the
 first projection's output (pre-activation, rows in expert order, ``[T*k, N]``; ``[0, N]`` with
-``store_h`` False, which Inductor's post-grad pass sets where nothing reads it: inference), and the routing
-metadata ``order`` (pair indices sorted by expert) and ``offsets`` (int32 ends of each expert's
-rows). Autograd therefore keeps x, the routing tensors, the weights (all inputs), h and the
-metadata: about 2*T*H + 4*T*k*I bytes beyond the inputs in bf16 for a gated activation. The
-gathered copies of x, the activation output and the expert outputs are recomputed in backward.
+``store_h`` False, which Inductor's post-grad pass sets where nothing reads it: inference), and
+the routing metadata ``order`` (pair indices sorted by expert) and ``offsets`` (int32 ends of
+each expert's rows). Autograd therefore keeps x, the routing tensors, the weights (all inputs),
+h and the metadata: about 2*T*H + 4*T*k*I bytes beyond the inputs in bf16 for a gated
+activation. The gathered copies of x, the activation output and the expert outputs are
+recomputed in backward.
 """
 
 import torch
