@@ -20,6 +20,7 @@ reports, registers and spilled bytes, with the shared memory and how the K loop 
 
 import argparse
 import contextlib
+import functools
 import io
 import itertools
 import json
@@ -36,7 +37,7 @@ from inductor_moe.ops.activations import Activation
 from inductor_moe.ops.triton_impl import activation_operand, epilogue_blocks, weight_grad_options, weight_operand
 
 SHAPES = [(32768, 4096, 1024, 64, 4), (24576, 1536, 256, 128, 8)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 BF16 = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
         (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 3)]
 # blockwise keeps each K block's product beside the accumulators (two of each when gated): 64-row
@@ -62,6 +63,19 @@ def problem(tokens, d, n, experts, k, device):
     h = torch.randn(tokens * k, 2 * n, device=device, dtype=torch.bfloat16)
     scale = torch.rand(tokens * k, device=device)
     return (x, w1, a, w2, torch.randn_like(x), h, scale), token_of_row, offsets
+
+
+def swept_config(original, tile, tma, group_m, kernel, *args, **kwargs) -> dict:
+    """A candidate in place of grouped_gemm._config: ``tile`` (None: the kernels' own), the copy
+    engine and the tile order's GROUP_M, which the weight gradient's kernel has neither of."""
+    if tile is None:
+        config = original(kernel, *args, **kwargs)
+    else:
+        config = dict(zip(TILE_KEYS, tile))
+    if kernel == "weight_grad":
+        config.pop("TMA", None)
+        return config
+    return {**config, "TMA": tma, "GROUP_M": group_m}
 
 
 def timed(fn, flops: int) -> dict:
@@ -101,6 +115,10 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--tma", choices=["on", "off", "both"], default="on",
                         help="e4m3 tiles by the tensor copy engine (as the experts op), by pointers, or both")
+    parser.add_argument("--shapes", nargs="+", metavar="T,d,n,E,K", help=f"default {SHAPES}")
+    parser.add_argument("--tuned-tiles", action="store_true", help="only the tiles the kernels pick")
+    parser.add_argument("--group-m", nargs="+", type=int, default=[grouped_gemm.GROUP_M],
+                        help="row tiles per group of the tile order")
     args = parser.parse_args()
     if args.ptxas:
         compile_instead_of_running()
@@ -110,7 +128,8 @@ def main() -> None:
     swiglu = Activation("swiglu")
     # --ptxas: not the reports of the kernels that make the operands
     quiet = (lambda: contextlib.redirect_stdout(io.StringIO())) if args.ptxas else contextlib.nullcontext
-    for tokens, d, n, experts, k in SHAPES:
+    shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.shapes] if args.shapes else SHAPES
+    for tokens, d, n, experts, k in shapes:
         with quiet():
             (x, w1, a, w2, grad_out, h, scale), token_of_row, offsets = problem(tokens, d, n, experts, k, device)
         for precision in args.precisions:
@@ -135,22 +154,22 @@ def main() -> None:
             }
             e4m3 = recipe in ("rowwise", "blockwise")
             copy_engine = {"on": [True], "off": [False], "both": [True, False]}[args.tma] if e4m3 else [False]
-            for (bm, bn, bk, warps, stages), tma in itertools.product(configs, copy_engine):
-                config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, TMA=tma)
-                # the weight gradient's operands are not read by the copy engine
-                grouped_gemm._config = lambda kernel, *_, config=config, **__: {
-                    key: value for key, value in config.items() if kernel != "weight_grad" or key != "TMA"}
+            tiles = [None] if args.tuned_tiles else configs  # None: the kernels' own choice
+            for tile, tma, group_m in itertools.product(tiles, copy_engine, args.group_m):
+                grouped_gemm._config = functools.partial(swept_config, original, tile, tma, group_m)
                 for name in args.gemms:
                     fn, flops = gemms[name]
                     try:
                         result = measure(fn, flops)
                     except Exception as error:  # e.g. out of shared memory: not a candidate
-                        print(f"{precision} {config} {name}: {type(error).__name__}", flush=True)
+                        print(f"{precision} {tile} {name}: {type(error).__name__}", flush=True)
                         continue
+                    tiles_used = dict(zip(TILE_KEYS, tile)) if tile else {"tiles": "the kernels' own"}
+                    config = {**tiles_used, "TMA": tma, "GROUP_M": group_m}
                     rows.append({"shape": [tokens, d, n, experts, k], "precision": precision, "gemm": GEMMS[name],
                                  "config": config, **result})
-                    print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:5} {bm:4} {bn:4} {bk:4} "
-                          f"{warps:2} {stages:2} {'tma' if tma else 'ptr'}  "
+                    print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:5} {tile or 'tuned'} "
+                          f"{'tma' if tma else 'ptr'} group {group_m}  "
                           + "  ".join(f"{key} {value}" for key, value in result.items()), flush=True)
             grouped_gemm._config = original
     if args.json:

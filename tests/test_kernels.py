@@ -138,6 +138,22 @@ def test_gemm(act, dtype, out_in, bias):
         assert_close(h.cpu(), expected_h, LOW[dtype], "stored pre-activation")
 
 
+@pytest.mark.parametrize("group_m", [1, 5, 64])
+def test_gemm_tile_order_covers_every_tile_once(group_m, monkeypatch):
+    """Groups of row tiles (the last one short, or one group of all) by column tiles: each output
+    tile computed (C starts uninitialized). Every token picks all 4 experts, 17 rows each: 8 row
+    tiles of 16 in a grid of 9, so groups of 5 leave a short last group with three tiles to do."""
+    config = grouped_gemm._config
+    monkeypatch.setattr(grouped_gemm, "_config", lambda *a, **k: config(*a, **k) | dict(GROUP_M=group_m))
+    tokens, k, experts, hidden, width = 17, 4, 4, 32, 80
+    experts_of_row, _, token_of_row, offsets = sorted_rows(tokens, k, experts)
+    x = torch.randn(tokens, hidden, device=DEVICE)
+    w = expert_weights(experts, hidden, width, torch.float32, False)
+    out, _ = grouped_gemm.gemm(x, w, offsets, a_rows=token_of_row)
+    expected = torch.einsum("rk,rkn->rn", x.cpu()[token_of_row.cpu().long()].double(), w.cpu()[experts_of_row].double())
+    assert_close(out.cpu(), expected, LOW[torch.float32], "output")
+
+
 @pytest.mark.parametrize("act", EPILOGUES[1:], ids=str)
 @pytest.mark.parametrize("dtype, out_in", [(torch.float32, False), (torch.bfloat16, True)])
 def test_gemm_act_backward(act, dtype, out_in):

@@ -40,15 +40,25 @@ NO_ACT = -1
 # K block (BLOCK_K) of each row and column, applied to each block's product; power-of-two scales
 # per SCALE_K elements, applied to the tiles before a bfloat16 product
 NO_FP8, PER_ROW, PER_K_BLOCK, DEQUANTIZE = 0, 1, 2, 3
+# row tiles per group of the GEMMs' tile order (_tile): with at most 16 column tiles, a wave of an
+# H100's 132 programs holds whole groups, the order the tiles were tuned in
+GROUP_M = 8
 
 
 @triton.jit
-def _tile(tiles_ptr, offsets_ptr, E, col_tiles, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(expert, first row, end row, valid, column tile) of this program's tile. A row tile's
-    column tiles are consecutive programs, so they run together and read its A rows (gathered
-    from anywhere in A) from L2, not each from memory; the expert's B stays in L2 over its row
-    tiles. (Column tiles outermost re-read all of A from memory once per column tile.)"""
-    tile = tl.program_id(0) // col_tiles
+def _tile(tiles_ptr, offsets_ptr, E, col_tiles, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+          GROUP_M: tl.constexpr):
+    """(expert, first row, end row, valid, column tile) of this program's tile. Programs take
+    groups of GROUP_M row tiles by every column tile, row tiles fastest, so the programs in flight
+    share a few row tiles of A (gathered from anywhere in A) and a few column tiles of B through
+    L2: each is read from memory once per group at most. (One row tile by every column tile in
+    flight read Mixtral's 235 MB w1 from memory once per row tile; column tiles outermost re-read
+    all of A once per column tile.)"""
+    group_size = GROUP_M * col_tiles
+    group = tl.program_id(0) // group_size
+    in_group = tl.program_id(0) % group_size
+    group_rows = tl.minimum(tl.num_programs(0) // col_tiles - group * GROUP_M, GROUP_M)  # the last may be short
+    tile = group * GROUP_M + in_group % group_rows
     experts = tl.arange(0, BLOCK_E)
     starts = tl.load(tiles_ptr + experts, mask=experts < E, other=2**30)
     expert = tl.sum((starts <= tile).to(tl.int32), axis=0) - 1  # experts without rows share a start
@@ -56,7 +66,7 @@ def _tile(tiles_ptr, offsets_ptr, E, col_tiles, BLOCK_M: tl.constexpr, BLOCK_E: 
     expert = tl.minimum(expert, E - 1)
     begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
     first = begin + (tile - tl.load(tiles_ptr + expert)) * BLOCK_M
-    return expert, first, tl.load(offsets_ptr + expert), valid, tl.program_id(0) % col_tiles
+    return expert, first, tl.load(offsets_ptr + expert), valid, in_group // group_rows
 
 
 @triton.jit
@@ -132,9 +142,11 @@ def _gemm_kernel(
     C_ROUND: tl.constexpr,
     ROUND_FIRST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
-    expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E)
+    expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E,
+                                                 GROUP_M)
     if valid:
         rows = first + tl.arange(0, BLOCK_M)
         row_ok = rows < end
@@ -221,9 +233,11 @@ def _gemm_act_backward_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, FP8: tl.constexpr,
     B_SCALE_ROWS: tl.constexpr, B_TMA: tl.constexpr, SCALE_K: tl.constexpr, DOT_F32: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
-    expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E)
+    expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E,
+                                                 GROUP_M)
     if valid:
         rows = first + tl.arange(0, BLOCK_M)
         row_ok = rows < end
@@ -423,6 +437,8 @@ def _config(kernel: str, n: int, k: int, fp8: int = NO_FP8, block_k: int | None 
                       num_stages=3)
     if e4m3 and kernel != "weight_grad":
         config["TMA"] = True  # e4m3 tiles through Hopper's copy engine where it can read them (_descriptor)
+    if kernel != "weight_grad":
+        config["GROUP_M"] = GROUP_M
     # a step covers whole scale blocks (blockwise: one; the kernels assert it)
     config["BLOCK_K"] = max(config["BLOCK_K"], block_k or 1)
     config["BLOCK_M"] = max(config["BLOCK_M"], block_m or 1)
