@@ -7,7 +7,8 @@ configs are its candidates), at two SonicMoE shapes. Prints each config's
 median and TFLOP/s; the best ones go into kernels/grouped_gemm.py's ``_config``. ``--gemms`` and
 ``--precisions`` pick a subset (a GPU command may run 10 minutes at most). FP8 e4m3 tiles load
 weights (and rows not gathered) by Hopper's tensor copy engine, as the experts op does;
-``--tma both`` also times each config with pointer loads (``off``: those only).
+``--tma both`` also times each config with pointer loads (``off``: those only). ``--group-m``
+sweeps the tile order's groups of row tiles, ``--tuned-tiles`` on the kernels' own tiles only.
 
 Without a GPU, ``--ptxas`` compiles each config for Hopper (sm_90) instead and records what ptxas
 reports, registers and spilled bytes, with the shared memory and how the K loop runs
