@@ -139,7 +139,7 @@ def test_gemm(act, dtype, out_in, bias):
 
 
 @pytest.mark.parametrize("group_m", [1, 5, 64])
-def test_gemm_tile_order_covers_every_tile_once(group_m, monkeypatch):
+def test_gemm_tile_order_covers_every_tile(group_m, monkeypatch):
     """Groups of row tiles (the last one short, or one group of all) by column tiles: each output
     tile computed (C starts uninitialized). Every token picks all 4 experts, 17 rows each: 8 row
     tiles of 16 in a grid of 9, so groups of 5 leave a short last group with three tiles to do."""

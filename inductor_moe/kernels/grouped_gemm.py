@@ -435,10 +435,10 @@ def _config(kernel: str, n: int, k: int, fp8: int = NO_FP8, block_k: int | None 
     else:
         config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64 if k >= 64 else 32, num_warps=4,
                       num_stages=3)
-    if e4m3 and kernel != "weight_grad":
-        config["TMA"] = True  # e4m3 tiles through Hopper's copy engine where it can read them (_descriptor)
     if kernel != "weight_grad":
         config["GROUP_M"] = GROUP_M
+        if e4m3:
+            config["TMA"] = True  # e4m3 tiles through Hopper's copy engine where it can read them (_descriptor)
     # a step covers whole scale blocks (blockwise: one; the kernels assert it)
     config["BLOCK_K"] = max(config["BLOCK_K"], block_k or 1)
     config["BLOCK_M"] = max(config["BLOCK_M"], block_m or 1)
