@@ -8,7 +8,8 @@ median and TFLOP/s; the best ones go into kernels/grouped_gemm.py's ``_config``.
 ``--precisions`` pick a subset (a GPU command may run 10 minutes at most). FP8 e4m3 tiles load
 weights (and rows not gathered) by Hopper's tensor copy engine, as the experts op does;
 ``--tma both`` also times each config with pointer loads (``off``: those only). ``--group-m``
-sweeps the tile order's groups of row tiles, ``--tuned-tiles`` on the kernels' own tiles only.
+sweeps the tile order's groups of row tiles, ``--persistent both`` a program per tile against a
+program per SM looping over tiles, ``--tuned-tiles`` on the kernels' own tiles only.
 
 Without a GPU, ``--ptxas`` compiles each config for Hopper (sm_90) instead and records what ptxas
 reports, registers and spilled bytes, with the shared memory and how the K loop runs
@@ -66,9 +67,10 @@ def problem(tokens, d, n, experts, k, device):
     return (x, w1, a, w2, torch.randn_like(x), h, scale), token_of_row, offsets
 
 
-def swept_config(original, tile, tma, group_m, kernel, *args, **kwargs) -> dict:
+def swept_config(original, tile, tma, group_m, persistent, kernel, *args, **kwargs) -> dict:
     """A candidate in place of grouped_gemm._config: ``tile`` (None: the kernels' own), the copy
-    engine and the tile order's GROUP_M, which the weight gradient's kernel has neither of."""
+    engine, the tile order's GROUP_M and the persistent grid, which the weight gradient's kernel
+    has none of."""
     if tile is None:
         config = original(kernel, *args, **kwargs)
     else:
@@ -76,7 +78,7 @@ def swept_config(original, tile, tma, group_m, kernel, *args, **kwargs) -> dict:
     if kernel == "weight_grad":
         config.pop("TMA", None)
         return config
-    return {**config, "TMA": tma, "GROUP_M": group_m}
+    return {**config, "TMA": tma, "GROUP_M": group_m, "PERSISTENT": persistent}
 
 
 def timed(fn, flops: int) -> dict:
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--tma", choices=["on", "off", "both"], default="on",
                         help="e4m3 tiles by the tensor copy engine (as the experts op), by pointers, or both")
     parser.add_argument("--shapes", nargs="+", metavar="T,d,n,E,K", help=f"default {SHAPES}")
+    parser.add_argument("--persistent", choices=["on", "off", "both"], default="off",
+                        help="a program per SM looping over the tiles, a program per tile, or both")
     parser.add_argument("--tuned-tiles", action="store_true", help="only the tiles the kernels pick")
     parser.add_argument("--group-m", nargs="+", type=int, default=[grouped_gemm.GROUP_M],
                         help="row tiles per group of the tile order")
@@ -156,8 +160,9 @@ def main() -> None:
             e4m3 = recipe in ("rowwise", "blockwise")
             copy_engine = {"on": [True], "off": [False], "both": [True, False]}[args.tma] if e4m3 else [False]
             tiles = [None] if args.tuned_tiles else configs  # None: the kernels' own choice
-            for tile, tma, group_m in itertools.product(tiles, copy_engine, args.group_m):
-                grouped_gemm._config = functools.partial(swept_config, original, tile, tma, group_m)
+            persistent_grids = {"on": [True], "off": [False], "both": [False, True]}[args.persistent]
+            for tile, tma, group_m, persistent in itertools.product(tiles, copy_engine, args.group_m, persistent_grids):
+                grouped_gemm._config = functools.partial(swept_config, original, tile, tma, group_m, persistent)
                 for name in args.gemms:
                     fn, flops = gemms[name]
                     try:
@@ -166,11 +171,11 @@ def main() -> None:
                         print(f"{precision} {tile} {name}: {type(error).__name__}", flush=True)
                         continue
                     tiles_used = dict(zip(TILE_KEYS, tile)) if tile else {"tiles": "the kernels' own"}
-                    config = {**tiles_used, "TMA": tma, "GROUP_M": group_m}
+                    config = {**tiles_used, "TMA": tma, "GROUP_M": group_m, "PERSISTENT": persistent}
                     rows.append({"shape": [tokens, d, n, experts, k], "precision": precision, "gemm": GEMMS[name],
                                  "config": config, **result})
                     print(f"{str((tokens, d, n, experts, k)):28} {precision:14} {name:5} {tile or 'tuned'} "
-                          f"{'tma' if tma else 'ptr'} group {group_m}  "
+                          f"{'tma' if tma else 'ptr'} group {group_m}{' persistent' if persistent else ''}  "
                           + "  ".join(f"{key} {value}" for key, value in result.items()), flush=True)
             grouped_gemm._config = original
     if args.json:

@@ -38,22 +38,27 @@ def compile_like_launch(kernel: JITFunction, target: GPUTarget, *args, **kwargs)
 
 
 def main_loop(ttgir: str) -> dict:
-    """How a GEMM's K loop runs on Hopper, from its TTGIR: how many tiles it copies into shared
-    memory asynchronously (software-pipelined), how many of those by the tensor copy engine (TMA),
-    and how many it loads into registers and waits for;
-    how many operand tiles it computes in registers and stores back to shared memory for the MMA;
-    how many warpgroup MMAs it issues, and how many of them start from zero instead of accumulating
-    in place (a separate addition then waits for each)."""
-    start = ttgir.rindex("\n", 0, ttgir.index("scf.for")) + 1
-    indent = len(ttgir[start:]) - len(ttgir[start:].lstrip(" "))
-    loop = ttgir[start:ttgir.index("\n" + " " * indent + "}", start)]  # to the loop's closing brace
+    """How the loop that issues a GEMM's MMAs runs on Hopper, from its TTGIR (its K loop; a
+    persistent GEMM's loop over tiles, their K loops flattened into it): how many tiles it copies
+    into shared memory asynchronously (software-pipelined), how many of those by the tensor copy
+    engine (TMA), and how many it loads into registers and waits for; how many operand tiles it
+    computes in registers and stores back to shared memory for the MMA; how many warpgroup MMAs it
+    issues, and how many of them start from zero instead of accumulating in place (a separate
+    addition then waits for each); whether it also stores output tiles (the epilogue in the loop)."""
+    for match in re.finditer(r"scf\.for ", ttgir):
+        start = ttgir.rindex("\n", 0, match.start()) + 1
+        indent = len(ttgir[start:]) - len(ttgir[start:].lstrip(" "))
+        loop = ttgir[start:ttgir.index("\n" + " " * indent + "}", start)]  # to the loop's closing brace
+        if "ttng.warp_group_dot " in loop and loop.count("scf.for ") == 1:
+            break  # the innermost loop with the MMAs
     dots = re.findall(r"ttng.warp_group_dot (%[\w#]+), (%[\w#]+), (%[\w#]+)", loop)
     tma_tiles = len(re.findall(r"ttng.async_tma_copy_global_to_local ", loop))
     return {"async_tiles": len(re.findall(r"ttg.async_copy_global_to_local [^\n]*tensor<\d+x\d+x", loop)) + tma_tiles,
             "tma_tiles": tma_tiles,
             "register_tiles": len(re.findall(r"= tt.load [^\n]*: tensor<\d+x\d+x", loop)),
             "stored_operands": len(re.findall(r"ttg.local_alloc %", loop)),
-            "mma": len(dots), "mma_from_zero": sum(acc.startswith("%cst") for *_, acc in dots)}
+            "mma": len(dots), "mma_from_zero": sum(acc.startswith("%cst") for *_, acc in dots),
+            "epilogue_in_loop": "tt.store " in loop}
 
 
 def narrowest_load_bytes(ptx: str) -> int:
@@ -92,7 +97,7 @@ def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
             report = {"shared_bytes": compiled.metadata.shared, "load_bytes": narrowest_load_bytes(compiled.asm["ptx"]),
                       "warp_run_bytes": narrowest_warp_run(ttgir),
                       **(main_loop(ttgir) if "warp_group_dot" in ttgir else {})}
-            hopper_builds.append((kernel.fn.__name__, fp8_mode, report))
+            hopper_builds.append((kernel.fn.__name__, fp8_mode, report | {"persistent": kwargs.get("PERSISTENT", False)}))
     built.append(kernel.fn.__name__)
 
 
@@ -151,6 +156,14 @@ def compile_all() -> None:
         grouped_gemm.weight_grad(h, x, offsets, torch.empty(experts, inner, hidden, dtype=dtype), a_activation=act,
                                  b_rows=rows, scale=torch.ones(tokens * k), fp8_rows=fp8.SEGMENT_ROWS[recipe],
                                  power_of_two=power_of_two)
+    # the persistent grid's candidates, on a GPU untimed yet: the down projection in bf16 and e4m3
+    config = grouped_gemm._config
+    grouped_gemm._config = lambda *args, **kwargs: config(*args, **kwargs) | dict(PERSISTENT=True)
+    activations = torch.randn(tokens * k, inner, dtype=dtype)
+    grouped_gemm.gemm(activations, w2.transpose(1, 2), offsets)
+    grouped_gemm.gemm(quantize.quantize(activations, 1, 0), quantize.quantize_weight(w2.transpose(1, 2), 1, 0), offsets,
+                      out_dtype=dtype)
+    grouped_gemm._config = config
     print(f"compiled {len(built)} kernel builds for {len(TARGETS)} targets: {sorted(set(built))}")
     for name, fp8_mode, report in hopper_builds:
         print("sm_90:", json.dumps({"kernel": name, "fp8": fp8_mode, **report}))

@@ -17,6 +17,10 @@ def reference_experts(x, ids, weights, w1, w2, b1, b2, act: Activation):
     return out
 
 
+# make_experts' tensors: the experts op's first operands, by name
+OPERANDS = ("x", "ids", "weights", "w1", "w2", "b1", "b2")
+
+
 def make_experts(tokens, hidden, inner, num_experts, k, act: Activation, dtype, bias=True, out_in=True, device="cpu"):
     """Random operands of the experts op; ``out_in`` stores w1 and w2 as [E, out, in] (passed as
     transposed views), else as [E, in, out]."""

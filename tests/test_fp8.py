@@ -4,7 +4,7 @@ gradients, random data and every transformers family block); config.fp8 through 
 
 import pytest
 import torch
-from references import make_experts
+from references import OPERANDS, make_experts
 
 import inductor_moe
 from inductor_moe import accuracy, models
@@ -73,11 +73,10 @@ def test_fake_quantize_uses_the_recipe_blocks():
 # The issue's bar for the MoE output against float32 given the same routing; 20 dB for gradients.
 BAR_DB = {"rowwise": 22.5, "blockwise": 22.5, "mxfp8": 21.0}
 GRADIENT_BAR_DB = 20.0
-NAMES = ("x", "ids", "weights", "w1", "w2", "b1", "b2")
 
 
 def random_experts(dtype=torch.float32, device="cpu", tokens=512):
-    return dict(zip(NAMES, make_experts(tokens, 256, 128, 8, 2, Activation("swiglu"), dtype, bias=False, device=device)))
+    return dict(zip(OPERANDS, make_experts(tokens, 256, 128, 8, 2, Activation("swiglu"), dtype, bias=False, device=device)))
 
 
 @pytest.mark.parametrize("recipe", BAR_DB)
@@ -293,7 +292,7 @@ def test_fp8_kernels_compute_the_emulated_recipe(recipe, weight_grad):
     that rounds across an e4m3 step in one of them is the only difference), so their accuracy
     against float32 is the emulation's (``benchmarks/fp8.py`` measures both: equal to 0.1 dB).
     Odd sizes, an idle expert, biases, K beyond one scale block."""
-    operands = dict(zip(NAMES, make_experts(13, 136, 24, 3, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
+    operands = dict(zip(OPERANDS, make_experts(13, 136, 24, 3, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
     operands["ids"][:, 0] = 0
     operands["ids"][:, 1] = 2  # expert 1 gets no token
     kernels, emulation = kernel_and_emulation(recipe, operands, activation="swiglu", fp8_weight_grad=weight_grad)
@@ -310,7 +309,7 @@ def test_mx_steps_over_several_scale_blocks(monkeypatch):
 
     config = grouped_gemm._config
     monkeypatch.setattr(grouped_gemm, "_config", lambda *a, **k: config(*a, **k) | dict(BLOCK_M=64, BLOCK_K=64))
-    operands = dict(zip(NAMES, make_experts(13, 136, 72, 3, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
+    operands = dict(zip(OPERANDS, make_experts(13, 136, 72, 3, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
     kernels, emulation = kernel_and_emulation("mxfp8", operands, activation="swiglu", fp8_weight_grad=True)
     for name in kernels:
         assert accuracy.sqnr(kernels[name].cpu(), emulation[name]) > 40, name
@@ -324,7 +323,7 @@ def test_copy_engine_tiles_match_pointer_loads(recipe, monkeypatch):
     a last partial tile along N and K, an idle expert."""
     from inductor_moe.kernels import grouped_gemm
 
-    operands = dict(zip(NAMES, make_experts(21, 64, 48, 4, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
+    operands = dict(zip(OPERANDS, make_experts(21, 64, 48, 4, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
     operands["ids"][:, 0] = 0
     operands["ids"][:, 1] = 2 + torch.arange(21, device=DEVICE) % 2  # expert 1 idle
     grad_out = torch.randn_like(operands["x"])

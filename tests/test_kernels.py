@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 from helpers import assert_close, assert_matches_eager
-from references import make_experts, reference_experts, reference_route
+from references import OPERANDS, make_experts, reference_experts, reference_route
 
 import inductor_moe
-from inductor_moe import models
+from inductor_moe import accuracy, models
 from inductor_moe.kernels import align, grouped_gemm, routing, unpermute
 from inductor_moe.ops import triton_impl
 from inductor_moe.ops.activations import Activation
@@ -138,13 +138,17 @@ def test_gemm(act, dtype, out_in, bias):
         assert_close(h.cpu(), expected_h, LOW[dtype], "stored pre-activation")
 
 
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("group_m", [1, 5, 64])
-def test_gemm_tile_order_covers_every_tile(group_m, monkeypatch):
+def test_gemm_tile_order_covers_every_tile(group_m, persistent, monkeypatch):
     """Groups of row tiles (the last one short, or one group of all) by column tiles: each output
-    tile computed (C starts uninitialized). Every token picks all 4 experts, 17 rows each: 8 row
-    tiles of 16 in a grid of 9, so groups of 5 leave a short last group with three tiles to do."""
+    tile computed (C starts uninitialized), by a program per tile or by three programs striding
+    over them (persistent). Every token picks all 4 experts, 17 rows each: 8 row tiles of 16 (a
+    grid of 9), so groups of 5 leave a short last group with three tiles to do."""
     config = grouped_gemm._config
-    monkeypatch.setattr(grouped_gemm, "_config", lambda *a, **k: config(*a, **k) | dict(GROUP_M=group_m))
+    monkeypatch.setattr(grouped_gemm, "_config",
+                        lambda *a, **k: config(*a, **k) | dict(GROUP_M=group_m, PERSISTENT=persistent))
+    monkeypatch.setattr(grouped_gemm, "_sm_count", lambda device: 3)  # also on a GPU
     tokens, k, experts, hidden, width = 17, 4, 4, 32, 80
     experts_of_row, _, token_of_row, offsets = sorted_rows(tokens, k, experts)
     x = torch.randn(tokens, hidden, device=DEVICE)
@@ -152,6 +156,31 @@ def test_gemm_tile_order_covers_every_tile(group_m, monkeypatch):
     out, _ = grouped_gemm.gemm(x, w, offsets, a_rows=token_of_row)
     expected = torch.einsum("rk,rkn->rn", x.cpu()[token_of_row.cpu().long()].double(), w.cpu()[experts_of_row].double())
     assert_close(out.cpu(), expected, LOW[torch.float32], "output")
+
+
+@pytest.mark.parametrize("recipe", [None, "rowwise", "blockwise"])
+def test_persistent_gemms_match_a_program_per_tile(recipe, monkeypatch):
+    """Three programs striding over the tiles (on a GPU: a program per SM, the tile and K loops
+    flattened into one) compute the experts op, forward and backward, bit for bit as a program
+    per tile does: the up projection with its gather and epilogue, the down projection (e4m3 A
+    and B by the tensor copy engine), dH and dX; two row tiles a group, an idle expert."""
+    operands = dict(zip(OPERANDS, make_experts(21, 64, 48, 4, 2, Activation("swiglu"), torch.float32, device=DEVICE)))
+    operands["ids"][:, 0] = 0
+    operands["ids"][:, 1] = 2 + torch.arange(21, device=DEVICE) % 2  # expert 1 idle
+    grad_out = torch.randn_like(operands["x"])
+    config = grouped_gemm._config
+    monkeypatch.setattr(grouped_gemm, "_sm_count", lambda device: 3)  # several tiles a program, also on a GPU
+    runs = {}
+    for persistent in (True, False):
+        def tiles(*args, persistent=persistent, **kwargs):
+            chosen = config(*args, **kwargs)
+            return chosen | dict(PERSISTENT=persistent, GROUP_M=2) if "PERSISTENT" in chosen else chosen
+
+        monkeypatch.setattr(grouped_gemm, "_config", tiles)
+        with inductor_moe.config.patch(triton_on_cpu=True):
+            runs[persistent] = accuracy.run_experts(operands, grad_out, fp8_recipe=recipe, activation="swiglu")
+    for name in runs[True]:
+        assert torch.equal(runs[True][name], runs[False][name]), name
 
 
 @pytest.mark.parametrize("act", EPILOGUES[1:], ids=str)
@@ -330,7 +359,9 @@ def test_kernels_compile_for_gpus():
     software-pipelined: each tile copied into shared memory ahead of its use (e4m3 weights, and
     rows not gathered, by the tensor copy engine), none loaded into registers and waited for, none computed in registers and stored back for the MMA but MXFP8's
     dequantized tiles; its MMAs accumulate in place, except blockwise FP8's, whose K blocks'
-    products are scaled before they are added.
+    products are scaled before they are added. A persistent GEMM's K loops are flattened into
+    its loop over tiles, pipelined across them: the next tile's copies start before this one's
+    epilogue.
 
     In a separate process: under the interpreter, kernels are not compilable objects."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -355,3 +386,5 @@ def test_kernels_compile_for_gpus():
         assert (loop["tma_tiles"] > 0) == e4m3_gemm, loop  # e4m3 weights by the copy engine
         assert (loop["stored_operands"] > 0) == (loop["fp8"] == grouped_gemm.DEQUANTIZE), loop
         assert loop["mma_from_zero"] == (loop["mma"] if loop["fp8"] == grouped_gemm.PER_K_BLOCK else 0), loop
+        assert loop["epilogue_in_loop"] == loop["persistent"], loop  # persistent: the K loops flattened
+    assert {loop["fp8"] for loop in loops if loop["persistent"]} == {grouped_gemm.NO_FP8, grouped_gemm.PER_ROW}

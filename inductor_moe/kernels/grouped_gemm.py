@@ -3,8 +3,9 @@
 Rows are (token, slot) pairs sorted by expert (``align``); expert e owns rows
 ``offsets[e-1]:offsets[e]``. A program computes one BLOCK_M x BLOCK_N tile of one expert; tiles
 come from ``align.tile_starts`` (an expert's rows padded to BLOCK_M), the grid from an upper bound
-of their number, so nothing waits for the host. B is ``[E, K, N]`` by strides: pass a transposed
-view for ``[E, N, K]`` storage.
+of their number, so nothing waits for the host. Or, persistent (``_config``'s PERSISTENT), a
+program per SM loops over the tiles (``_tile_loop``). B is ``[E, K, N]`` by strides: pass a
+transposed view for ``[E, N, K]`` storage.
 
     gemm                 C = act(A[rows] @ B[e] + bias[e]); A's rows gathered by an index in the
                          prologue (no permuted copy); optionally stores the pre-activation H
@@ -24,6 +25,8 @@ from ``quantize.quantize_segments`` (blocks of rows that start at each expert's 
 Hopper the e4m3 GEMMs load B, and A where its rows are not gathered, by the tensor copy engine
 (TMA descriptors, ``_descriptor``); everything else by pointers.
 """
+
+import functools
 
 import torch
 import triton
@@ -46,27 +49,44 @@ GROUP_M = 8
 
 
 @triton.jit
-def _tile(tiles_ptr, offsets_ptr, E, col_tiles, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-          GROUP_M: tl.constexpr):
-    """(expert, first row, end row, valid, column tile) of this program's tile. Programs take
-    groups of GROUP_M row tiles by every column tile, row tiles fastest, so the programs in flight
-    share a few row tiles of A (gathered from anywhere in A) and a few column tiles of B through
-    L2: each is read from memory once per group at most. (One row tile by every column tile in
-    flight read Mixtral's 235 MB w1 from memory once per row tile; column tiles outermost re-read
-    all of A once per column tile.)"""
+def _tile_loop(tiles_ptr, E, col_tiles, PERSISTENT: tl.constexpr):
+    """(first, end, step) of a program's loop over its tiles (_tile), and the count of row tiles.
+    PERSISTENT: every num_programs-th tile from the program's own, each tile's K loop flattened
+    into this loop (``tl.range``'s flatten), so that the next tile's first loads overlap this
+    tile's epilogue. Else one step, a loop the compiler removes: a real loop around a tile's code
+    keeps its invariants live across it (up to 80 more registers a thread, and spills, on sm_90)."""
+    row_tiles = tl.load(tiles_ptr + E)
+    if PERSISTENT:
+        return tl.program_id(0), row_tiles * col_tiles, tl.num_programs(0), row_tiles
+    else:
+        return 0, 1, 1, row_tiles
+
+
+@triton.jit
+def _tile(step, row_tiles, col_tiles, tiles_ptr, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+          GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+    """(expert, first row, end row, column tile, valid) of a program's tile at ``step`` of its
+    _tile_loop. Tiles come in groups of GROUP_M row tiles by every column tile, row tiles fastest,
+    so the tiles in flight share a few row tiles of A (gathered from anywhere in A) and a few
+    column tiles of B through L2: each is read from memory once per group at most. (One row tile
+    by every column tile in flight read Mixtral's 235 MB w1 from memory once per row tile; column
+    tiles outermost re-read all of A once per column tile.)"""
+    tile = step if PERSISTENT else tl.program_id(0)
+    # a program per tile: the grid is an upper bound; a persistent loop ends at the last tile (a
+    # constant condition, folded away: the loops stay nested for their flattening)
+    valid = tl.full((), 1, tl.int1) if PERSISTENT else tile < row_tiles * col_tiles
     group_size = GROUP_M * col_tiles
-    group = tl.program_id(0) // group_size
-    in_group = tl.program_id(0) % group_size
-    group_rows = tl.minimum(tl.num_programs(0) // col_tiles - group * GROUP_M, GROUP_M)  # the last may be short
-    tile = group * GROUP_M + in_group % group_rows
+    group = tile // group_size
+    in_group = tile % group_size
+    group_rows = tl.minimum(row_tiles - group * GROUP_M, GROUP_M)  # the last may be short
+    row_tile = group * GROUP_M + in_group % group_rows
     experts = tl.arange(0, BLOCK_E)
     starts = tl.load(tiles_ptr + experts, mask=experts < E, other=2**30)
-    expert = tl.sum((starts <= tile).to(tl.int32), axis=0) - 1  # experts without rows share a start
-    valid = tile < tl.load(tiles_ptr + E)
+    expert = tl.sum((starts <= row_tile).to(tl.int32), axis=0) - 1  # experts without rows share a start
     expert = tl.minimum(expert, E - 1)
     begin = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
-    first = begin + (tile - tl.load(tiles_ptr + expert)) * BLOCK_M
-    return expert, first, tl.load(offsets_ptr + expert), valid, in_group // group_rows
+    first = begin + (row_tile - tl.load(tiles_ptr + expert)) * BLOCK_M
+    return expert, first, tl.load(offsets_ptr + expert), in_group // group_rows, valid
 
 
 @triton.jit
@@ -142,85 +162,89 @@ def _gemm_kernel(
     C_ROUND: tl.constexpr,
     ROUND_FIRST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
-    expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E,
-                                                 GROUP_M)
-    if valid:
-        rows = first + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0) if GATHER else rows
-        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N_OUT
-        # gate columns (or all columns), and up columns of a gated activation
-        gate_cols = 2 * cols if INTERLEAVED else cols
-        up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
-        tl.static_assert(not (A_TMA and GATHER) and not (B_TMA and INTERLEAVED), "descriptors load contiguous tiles")
-        b_base = b_ptr if B_TMA else b_ptr + expert.to(tl.int64) * stride_be
-        # FP8 scales: of A's rows, and of B's gate and up columns ([E, N / B_SCALE_ROWS, K blocks])
-        a_scales = a_scale_ptr + a_rows * stride_sam
-        b_scales = b_scale_ptr + expert * stride_sbe
-        gate_scales = b_scales + (gate_cols // B_SCALE_ROWS) * stride_sbn
-        up_scales = b_scales + (up_cols // B_SCALE_ROWS) * stride_sbn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_blocks, block_ok = _scale_blocks(k0, K, SCALE_K, BLOCK_K)
-            if A_TMA:  # rows past the expert's are the next expert's: their outputs are not stored
-                a = a_ptr.load([first, k0])
+    col_tiles = tl.cdiv(N_OUT, BLOCK_N)
+    first_step, end_step, stride, row_tiles = _tile_loop(tiles_ptr, E, col_tiles, PERSISTENT)
+    for step in tl.range(first_step, end_step, stride, flatten=PERSISTENT):
+        expert, first, end, col_tile, valid = _tile(step, row_tiles, col_tiles, tiles_ptr, offsets_ptr, E, BLOCK_M,
+                                                    BLOCK_E, GROUP_M, PERSISTENT)
+        if valid:
+            rows = first + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0) if GATHER else rows
+            cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N_OUT
+            # gate columns (or all columns), and up columns of a gated activation
+            gate_cols = 2 * cols if INTERLEAVED else cols
+            up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
+            tl.static_assert(not (A_TMA and GATHER) and not (B_TMA and INTERLEAVED),
+                             "descriptors load contiguous tiles")
+            b_base = b_ptr if B_TMA else b_ptr + expert.to(tl.int64) * stride_be
+            # FP8 scales: of A's rows, and of B's gate and up columns ([E, N / B_SCALE_ROWS, K blocks])
+            a_scales = a_scale_ptr + a_rows * stride_sam
+            b_scales = b_scale_ptr + expert * stride_sbe
+            gate_scales = b_scales + (gate_cols // B_SCALE_ROWS) * stride_sbn
+            up_scales = b_scales + (up_cols // B_SCALE_ROWS) * stride_sbn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_blocks, block_ok = _scale_blocks(k0, K, SCALE_K, BLOCK_K)
+                if A_TMA:  # rows past the expert's are the next expert's: their outputs are not stored
+                    a = a_ptr.load([first, k0])
+                else:
+                    a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
+                                mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+                a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak,
+                                 row_ok[:, None] & block_ok[None, :], 1, FP8)
+                if FP8 == 2:  # PER_K_BLOCK
+                    a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
+                    gate_scale = tl.load(gate_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
+                    up_scale = tl.load(up_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
+                else:
+                    a_scale, gate_scale, up_scale = 1.0, 1.0, 1.0
+                b_scale_mask = block_ok[:, None] & col_ok[None, :]
+                b = _load_b(b_base, expert, k0, col_tile * BLOCK_N, ks, gate_cols, col_ok, K, stride_bk, stride_bn,
+                            B_TMA, BLOCK_K, BLOCK_N)
+                b = _dequantized(b, gate_scales[None, :] + k_blocks[:, None] * stride_sbk, b_scale_mask, 0, FP8)
+                acc = _scaled_dot(a, b, acc, a_scale, gate_scale, FP8, DOT_F32, IEEE)
+                if GATED:
+                    b = _load_b(b_base, expert, k0, N_OUT + col_tile * BLOCK_N, ks, up_cols, col_ok, K, stride_bk,
+                                stride_bn, B_TMA, BLOCK_K, BLOCK_N)
+                    b = _dequantized(b, up_scales[None, :] + k_blocks[:, None] * stride_sbk, b_scale_mask, 0, FP8)
+                    acc_up = _scaled_dot(a, b, acc_up, a_scale, up_scale, FP8, DOT_F32, IEEE)
+            if FP8 == 1:  # PER_ROW
+                a_scale = tl.load(a_scales, mask=row_ok, other=0.0)[:, None]
+                acc *= a_scale * tl.load(gate_scales, mask=col_ok, other=0.0)[None, :]
+                if GATED:
+                    acc_up *= a_scale * tl.load(up_scales, mask=col_ok, other=0.0)[None, :]
+            if HAS_BIAS:
+                bias_base = bias_ptr + expert * stride_bias_e
+                acc += tl.load(bias_base + gate_cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                if GATED:
+                    acc_up += tl.load(bias_base + up_cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            mask = row_ok[:, None] & col_ok[None, :]
+            if STORE_H:
+                h_rows = h_ptr + rows[:, None].to(tl.int64) * stride_hm
+                tl.store(h_rows + gate_cols[None, :] * stride_hn, acc.to(h_ptr.dtype.element_ty), mask=mask)
+                if GATED:
+                    tl.store(h_rows + up_cols[None, :] * stride_hn, acc_up.to(h_ptr.dtype.element_ty), mask=mask)
+            if GATED:
+                out = gated_forward(acc, acc_up, ACT, alpha, limit)
+            elif ACT >= 0:
+                out = act_forward(acc, ACT)
             else:
-                a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak,
-                            mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
-            a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, row_ok[:, None] & block_ok[None, :],
-                             1, FP8)
-            if FP8 == 2:  # PER_K_BLOCK
-                a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
-                gate_scale = tl.load(gate_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
-                up_scale = tl.load(up_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
-            else:
-                a_scale, gate_scale, up_scale = 1.0, 1.0, 1.0
-            b_scale_mask = block_ok[:, None] & col_ok[None, :]
-            b = _load_b(b_base, expert, k0, col_tile * BLOCK_N, ks, gate_cols, col_ok, K, stride_bk, stride_bn, B_TMA,
-                        BLOCK_K, BLOCK_N)
-            b = _dequantized(b, gate_scales[None, :] + k_blocks[:, None] * stride_sbk, b_scale_mask, 0, FP8)
-            acc = _scaled_dot(a, b, acc, a_scale, gate_scale, FP8, DOT_F32, IEEE)
-            if GATED:
-                b = _load_b(b_base, expert, k0, N_OUT + col_tile * BLOCK_N, ks, up_cols, col_ok, K, stride_bk,
-                            stride_bn, B_TMA, BLOCK_K, BLOCK_N)
-                b = _dequantized(b, up_scales[None, :] + k_blocks[:, None] * stride_sbk, b_scale_mask, 0, FP8)
-                acc_up = _scaled_dot(a, b, acc_up, a_scale, up_scale, FP8, DOT_F32, IEEE)
-        if FP8 == 1:  # PER_ROW
-            a_scale = tl.load(a_scales, mask=row_ok, other=0.0)[:, None]
-            acc *= a_scale * tl.load(gate_scales, mask=col_ok, other=0.0)[None, :]
-            if GATED:
-                acc_up *= a_scale * tl.load(up_scales, mask=col_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            bias_base = bias_ptr + expert * stride_bias_e
-            acc += tl.load(bias_base + gate_cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if GATED:
-                acc_up += tl.load(bias_base + up_cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        mask = row_ok[:, None] & col_ok[None, :]
-        if STORE_H:
-            h_rows = h_ptr + rows[:, None].to(tl.int64) * stride_hm
-            tl.store(h_rows + gate_cols[None, :] * stride_hn, acc.to(h_ptr.dtype.element_ty), mask=mask)
-            if GATED:
-                tl.store(h_rows + up_cols[None, :] * stride_hn, acc_up.to(h_ptr.dtype.element_ty), mask=mask)
-        if GATED:
-            out = gated_forward(acc, acc_up, ACT, alpha, limit)
-        elif ACT >= 0:
-            out = act_forward(acc, ACT)
-        else:
-            out = acc
-        c = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
-        if C_BLOCK > 0:  # C in e4m3, 1 x C_BLOCK blocks of this tile's columns: the next GEMM's A
-            out = tl.where(mask, out.to(C_ROUND).to(tl.float32), 0.0)  # the values the unfused path quantizes
-            out, c_scale = quantize_blocks(out, C_BLOCK, False, C_POW2, ROUND_FIRST)
-            scale_cols = col_tile * (BLOCK_N // C_BLOCK) + tl.arange(0, BLOCK_N // C_BLOCK)
-            tl.store(c_scale_ptr + rows[:, None].to(tl.int64) * stride_scm + scale_cols[None, :] * stride_sck, c_scale,
-                     mask=row_ok[:, None] & (scale_cols * C_BLOCK < N_OUT)[None, :])
-        tl.store(c, out.to(c_ptr.dtype.element_ty), mask=mask)
+                out = acc
+            c = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+            if C_BLOCK > 0:  # C in e4m3, 1 x C_BLOCK blocks of this tile's columns: the next GEMM's A
+                out = tl.where(mask, out.to(C_ROUND).to(tl.float32), 0.0)  # the values the unfused path quantizes
+                out, c_scale = quantize_blocks(out, C_BLOCK, False, C_POW2, ROUND_FIRST)
+                scale_cols = col_tile * (BLOCK_N // C_BLOCK) + tl.arange(0, BLOCK_N // C_BLOCK)
+                tl.store(c_scale_ptr + rows[:, None].to(tl.int64) * stride_scm + scale_cols[None, :] * stride_sck,
+                         c_scale, mask=row_ok[:, None] & (scale_cols * C_BLOCK < N_OUT)[None, :])
+            tl.store(c, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -233,59 +257,64 @@ def _gemm_act_backward_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, FP8: tl.constexpr,
     B_SCALE_ROWS: tl.constexpr, B_TMA: tl.constexpr, SCALE_K: tl.constexpr, DOT_F32: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     tl.static_assert(FP8 != 2 or BLOCK_K == SCALE_K, "blockwise FP8: a K step is one scale block")
-    expert, first, end, valid, col_tile = _tile(tiles_ptr, offsets_ptr, E, tl.cdiv(N_OUT, BLOCK_N), BLOCK_M, BLOCK_E,
-                                                 GROUP_M)
-    if valid:
-        rows = first + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
-        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N_OUT
-        b_base = b_ptr if B_TMA else b_ptr + expert.to(tl.int64) * stride_be
-        a_scales = a_scale_ptr + a_rows * stride_sam
-        b_scales = b_scale_ptr + expert * stride_sbe + (cols // B_SCALE_ROWS) * stride_sbn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_blocks, block_ok = _scale_blocks(k0, K, SCALE_K, BLOCK_K)
-            a_mask = row_ok[:, None] & (ks < K)[None, :]
-            a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak, mask=a_mask, other=0.0)
-            a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak, row_ok[:, None] & block_ok[None, :],
-                             1, FP8)
-            b = _load_b(b_base, expert, k0, col_tile * BLOCK_N, ks, cols, col_ok, K, stride_bk, stride_bn, B_TMA,
-                        BLOCK_K, BLOCK_N)
-            b = _dequantized(b, b_scales[None, :] + k_blocks[:, None] * stride_sbk, block_ok[:, None] & col_ok[None, :],
-                             0, FP8)
-            if FP8 == 2:  # PER_K_BLOCK
-                a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
-                b_scale = tl.load(b_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
+    col_tiles = tl.cdiv(N_OUT, BLOCK_N)
+    first_step, end_step, stride, row_tiles = _tile_loop(tiles_ptr, E, col_tiles, PERSISTENT)
+    for step in tl.range(first_step, end_step, stride, flatten=PERSISTENT):
+        expert, first, end, col_tile, valid = _tile(step, row_tiles, col_tiles, tiles_ptr, offsets_ptr, E, BLOCK_M,
+                                                    BLOCK_E, GROUP_M, PERSISTENT)
+        if valid:
+            rows = first + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
+            cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N_OUT
+            b_base = b_ptr if B_TMA else b_ptr + expert.to(tl.int64) * stride_be
+            a_scales = a_scale_ptr + a_rows * stride_sam
+            b_scales = b_scale_ptr + expert * stride_sbe + (cols // B_SCALE_ROWS) * stride_sbn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_blocks, block_ok = _scale_blocks(k0, K, SCALE_K, BLOCK_K)
+                a_mask = row_ok[:, None] & (ks < K)[None, :]
+                a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak, mask=a_mask,
+                            other=0.0)
+                a = _dequantized(a, a_scales[:, None] + k_blocks[None, :] * stride_sak,
+                                 row_ok[:, None] & block_ok[None, :], 1, FP8)
+                b = _load_b(b_base, expert, k0, col_tile * BLOCK_N, ks, cols, col_ok, K, stride_bk, stride_bn, B_TMA,
+                            BLOCK_K, BLOCK_N)
+                b = _dequantized(b, b_scales[None, :] + k_blocks[:, None] * stride_sbk,
+                                 block_ok[:, None] & col_ok[None, :], 0, FP8)
+                if FP8 == 2:  # PER_K_BLOCK
+                    a_scale = tl.load(a_scales + (k0 // BLOCK_K) * stride_sak, mask=row_ok, other=0.0)
+                    b_scale = tl.load(b_scales + (k0 // BLOCK_K) * stride_sbk, mask=col_ok, other=0.0)
+                else:
+                    a_scale, b_scale = 1.0, 1.0
+                acc = _scaled_dot(a, b, acc, a_scale, b_scale, FP8, DOT_F32, IEEE)
+            if FP8 == 1:  # PER_ROW
+                acc *= (tl.load(a_scales, mask=row_ok, other=0.0)[:, None]
+                        * tl.load(b_scales, mask=col_ok, other=0.0)[None, :])
+            mask = row_ok[:, None] & col_ok[None, :]
+            gate_cols = 2 * cols if INTERLEAVED else cols
+            up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
+            h_rows = h_ptr + rows[:, None].to(tl.int64) * stride_hm
+            gate = tl.load(h_rows + gate_cols[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            g_rows = grad_h_ptr + rows[:, None].to(tl.int64) * stride_gm
+            if GATED:
+                up = tl.load(h_rows + up_cols[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
+                activated = gated_forward(gate, up, ACT, alpha, limit)
+                grad_gate, grad_up = gated_backward(gate, up, acc * scale, ACT, alpha, limit)
+                tl.store(g_rows + up_cols[None, :] * stride_gn, grad_up.to(grad_h_ptr.dtype.element_ty), mask=mask)
             else:
-                a_scale, b_scale = 1.0, 1.0
-            acc = _scaled_dot(a, b, acc, a_scale, b_scale, FP8, DOT_F32, IEEE)
-        if FP8 == 1:  # PER_ROW
-            acc *= tl.load(a_scales, mask=row_ok, other=0.0)[:, None] * tl.load(b_scales, mask=col_ok, other=0.0)[None, :]
-        mask = row_ok[:, None] & col_ok[None, :]
-        gate_cols = 2 * cols if INTERLEAVED else cols
-        up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
-        h_rows = h_ptr + rows[:, None].to(tl.int64) * stride_hm
-        gate = tl.load(h_rows + gate_cols[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        g_rows = grad_h_ptr + rows[:, None].to(tl.int64) * stride_gm
-        if GATED:
-            up = tl.load(h_rows + up_cols[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
-            activated = gated_forward(gate, up, ACT, alpha, limit)
-            grad_gate, grad_up = gated_backward(gate, up, acc * scale, ACT, alpha, limit)
-            tl.store(g_rows + up_cols[None, :] * stride_gn, grad_up.to(grad_h_ptr.dtype.element_ty), mask=mask)
-        else:
-            activated = act_forward(gate, ACT)
-            grad_gate = acc * scale * act_derivative(gate, ACT)
-        tl.store(g_rows + gate_cols[None, :] * stride_gn, grad_gate.to(grad_h_ptr.dtype.element_ty), mask=mask)
-        # <d out / d expert output, expert output> for this tile's columns: the routing-weight gradient
-        partial = tl.sum(tl.where(mask, acc * activated, 0.0), axis=1)
-        tl.store(partial_ptr + rows * stride_pm + col_tile, partial, mask=row_ok)
+                activated = act_forward(gate, ACT)
+                grad_gate = acc * scale * act_derivative(gate, ACT)
+            tl.store(g_rows + gate_cols[None, :] * stride_gn, grad_gate.to(grad_h_ptr.dtype.element_ty), mask=mask)
+            # <d out / d expert output, expert output> for this tile's columns: the routing-weight gradient
+            partial = tl.sum(tl.where(mask, acc * activated, 0.0), axis=1)
+            tl.store(partial_ptr + rows * stride_pm + col_tile, partial, mask=row_ok)
 
 
 @triton.jit
@@ -436,13 +465,25 @@ def _config(kernel: str, n: int, k: int, fp8: int = NO_FP8, block_k: int | None 
         config = dict(BLOCK_M=64, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=64 if k >= 64 else 32, num_warps=4,
                       num_stages=3)
     if kernel != "weight_grad":
-        config["GROUP_M"] = GROUP_M
+        config.update(GROUP_M=GROUP_M, PERSISTENT=False)  # persistent: untimed on a GPU yet (_grid)
         if e4m3:
             config["TMA"] = True  # e4m3 tiles through Hopper's copy engine where it can read them (_descriptor)
     # a step covers whole scale blocks (blockwise: one; the kernels assert it)
     config["BLOCK_K"] = max(config["BLOCK_K"], block_k or 1)
     config["BLOCK_M"] = max(config["BLOCK_M"], block_m or 1)
     return config
+
+
+def _grid(tiles: int, config: dict, tensor: torch.Tensor) -> tuple:
+    """A GEMM's grid: a program per tile of an upper bound of ``tiles``, or with
+    ``config["PERSISTENT"]`` one per SM of the tensor's device at most, each striding over the
+    tiles (three under the interpreter, so that each takes several)."""
+    return (min(tiles, _sm_count(tensor.device)) if config["PERSISTENT"] else tiles,)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
 # C's dtype for a quantizing epilogue: it rounds to it first, as the unfused path stores C
@@ -524,7 +565,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     b_tiles = _descriptor(b.transpose(1, 2), [1, config["BLOCK_N"], config["BLOCK_K"]], tma and not interleaved)
     a_tiles = _descriptor(a, [config["BLOCK_M"], config["BLOCK_K"]], tma and a_rows is None)
     tiles = tile_starts(offsets, config["BLOCK_M"])
-    grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * cdiv(n_out, config["BLOCK_N"]),)
+    grid = _grid(max_tiles(num_rows, num_experts, config["BLOCK_M"]) * cdiv(n_out, config["BLOCK_N"]), config, a)
     _gemm_kernel[grid](
         a if a_tiles is None else a_tiles, a_rows if a_rows is not None else offsets, b if b_tiles is None else b_tiles,
         c, h, bias if bias is not None else b, tiles, offsets,
@@ -557,7 +598,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     grad_h = torch.empty_like(h)
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
     tiles = tile_starts(offsets, config["BLOCK_M"])
-    grid = (max_tiles(num_rows, num_experts, config["BLOCK_M"]) * col_tiles,)
+    grid = _grid(max_tiles(num_rows, num_experts, config["BLOCK_M"]) * col_tiles, config, a)
     _gemm_act_backward_kernel[grid](
         a, a_rows, b if b_tiles is None else b_tiles, h, scale, grad_h, partial, tiles, offsets, *fp8["pointers"],
         n_out, k, num_experts,
