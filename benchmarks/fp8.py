@@ -3,10 +3,11 @@
 Accuracy: SQNR (dB) against float32 given the same routing (inductor_moe.accuracy), of the experts
 op's output and its x, w1, w2 gradients on Gaussian data, the same for the recipe's exact torch
 emulation (ops/cpu.py), and of every transformers family block compiled with config.fp8 (output
-and input gradient). Throughput (CUDA only): the experts op forward (weights quantized once and
-h not stored, as in inference) and forward + backward (weights quantized every step, as in training) at SonicMoE's
-shapes, bf16 against each recipe (rowwise training also with bf16 weight gradients,
-config.fp8_weight_grad = False), medians from triton.testing.do_bench.
+and input gradient). Throughput (CUDA only), bf16 against each recipe at SonicMoE's shapes: the
+experts op forward (weights quantized once and h not stored, as in inference), the same replayed
+from a CUDA graph (no host launches: the GPU's own time; FP8 weights quantized in each replay),
+and forward + backward (weights quantized every step, as in training; rowwise also with bf16
+weight gradients, config.fp8_weight_grad = False); medians from triton.testing.do_bench.
 
     python benchmarks/fp8.py --no-families --json benchmarks/results/<device>_fp8.json
     python benchmarks/fp8.py --accuracy-only --json benchmarks/results/cpu_fp8_accuracy.json
@@ -54,6 +55,21 @@ def accuracy_rows(device: str, families: bool) -> list[dict]:
     return rows
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph, warmed up off the capturing stream first: its replay, the
+    kernels' time without the host's launches (FP8 weights quantized in every replay: a captured
+    graph does not read the weight cache)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def throughput_rows() -> list[dict]:
     import triton
 
@@ -84,11 +100,11 @@ def throughput_rows() -> list[dict]:
                                                      fp8_weight_grad=fp8_dw)[0]
                 torch.autograd.grad(out, [leaves[name] for name in accuracy.GRADIENTS], grad)
 
-            modes = [("forward + backward", train_step, 3 * flops)]
+            modes = [("forward + backward", lambda: train_step, 3 * flops)]
             if fp8_dw:  # the weight gradients' precision changes nothing forward
-                modes.insert(0, ("forward", forward, flops))
-            for mode, fn, mode_flops in modes:
-                ms = triton.testing.do_bench(fn, return_mode="median")
+                modes[:0] = [("forward", lambda: forward, flops), ("forward, CUDA graph", lambda: graphed(forward), flops)]
+            for mode, make, mode_flops in modes:
+                ms = triton.testing.do_bench(make(), return_mode="median")
                 medians[mode, recipe] = medians.get((mode, recipe), ms)
                 rows.append({"benchmark": f"experts {mode}", "shape": shape, "impl": impl,
                              "median_ms": round(ms, 4), "tflops": round(mode_flops / ms / 1e9, 1),

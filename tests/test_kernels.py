@@ -272,16 +272,53 @@ def test_experts_op_with_vendor_weight_grads(act, dtype, monkeypatch):
     check_experts_op_on_kernels(act, (10, 40, 24, 32, 8), dtype)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: a GPU's")
+@pytest.mark.parametrize("recipe", [None, "rowwise"])
+def test_experts_op_replays_in_a_cuda_graph(recipe):
+    """The op's forward and backward, captured once in a CUDA graph (no host synchronisation on
+    their path: capture fails on one) and replayed on new routing, activations and weights copied
+    into the captured tensors, compute what the op computes eagerly on them: nothing the host
+    decided at capture (a cached FP8 weight, a tile count) is replayed stale. Wide enough for bf16
+    weight gradients by torch._grouped_mm on Hopper."""
+    if recipe and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("e4m3 GEMMs: Hopper")
+    make = lambda: dict(zip(OPERANDS, make_experts(96, 128, 256, 8, 2, Activation("swiglu"), torch.bfloat16,  # noqa: E731
+                                                   bias=False, device=DEVICE)))
+    static = {name: t.detach().requires_grad_(name in accuracy.GRADIENTS) if t is not None else None
+              for name, t in make().items()}
+    leaves = [static[name] for name in accuracy.GRADIENTS]
+    grad_out = torch.randn_like(static["x"])
+
+    def step():
+        out = torch.ops.inductor_moe.experts(*static.values(), "swiglu", fp8_recipe=recipe)[0]
+        return [out, *torch.autograd.grad(out, leaves, grad_out)]
+
+    side = torch.cuda.Stream()  # warm-up off the capturing stream, as torch.cuda.graph's users do
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for name, fresh in make().items():
+            if fresh is not None:
+                static[name].copy_(fresh)
+    graph.replay()
+    for name, replayed, eager in zip(("out", *accuracy.GRADIENTS), captured, step()):
+        assert_close(replayed, eager.double(), torch.bfloat16, name)
+
+
 def check_experts_op_on_kernels(act, shape, dtype):
     if dtype != torch.float32 and act.name == "swiglu_oai":
         act = dataclasses.replace(act, limit=7.0)  # rounding the kept pre-activation would flip clamps
-    names = ("x", "ids", "weights", "w1", "w2", "b1", "b2")
-    operands = dict(zip(names, make_experts(*shape, act, dtype, bias=shape[0] > 1, out_in=shape[1] == 40, device=DEVICE)))
+    operands = dict(zip(OPERANDS, make_experts(*shape, act, dtype, bias=shape[0] > 1, out_in=shape[1] == 40, device=DEVICE)))
     grad = torch.randn(operands["x"].shape, dtype=dtype, device=DEVICE)
 
     def forward_backward(device, cast=lambda t: t, on_kernels=False, reference=False):
         leaves = {n: cast(t.to(device)).detach().requires_grad_() for n, t in operands.items() if n != "ids" and t is not None}
-        args = [leaves["x"], operands["ids"].to(device), *(leaves.get(n) for n in names[2:])]
+        args = [leaves["x"], operands["ids"].to(device), *(leaves.get(n) for n in OPERANDS[2:])]
         with inductor_moe.config.patch(triton_on_cpu=on_kernels):
             out = reference_experts(*args, act) if reference else torch.ops.inductor_moe.experts(
                 *args, act.name, act.interleaved, act.alpha, act.limit)[0]
