@@ -296,25 +296,40 @@ def _gemm_act_backward_kernel(
             if FP8 == 1:  # PER_ROW
                 acc *= (tl.load(a_scales, mask=row_ok, other=0.0)[:, None]
                         * tl.load(b_scales, mask=col_ok, other=0.0)[None, :])
-            mask = row_ok[:, None] & col_ok[None, :]
-            gate_cols = 2 * cols if INTERLEAVED else cols
-            up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
+            # the epilogue on each half of the tile's columns in turn: H's gate and up, the activation
+            # and both gradients held for half the columns beside the accumulator
             h_rows = h_ptr + rows[:, None].to(tl.int64) * stride_hm
-            gate = tl.load(h_rows + gate_cols[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
-            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
             g_rows = grad_h_ptr + rows[:, None].to(tl.int64) * stride_gm
-            if GATED:
-                up = tl.load(h_rows + up_cols[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
-                activated = gated_forward(gate, up, ACT, alpha, limit)
-                grad_gate, grad_up = gated_backward(gate, up, acc * scale, ACT, alpha, limit)
-                tl.store(g_rows + up_cols[None, :] * stride_gn, grad_up.to(grad_h_ptr.dtype.element_ty), mask=mask)
-            else:
-                activated = act_forward(gate, ACT)
-                grad_gate = acc * scale * act_derivative(gate, ACT)
-            tl.store(g_rows + gate_cols[None, :] * stride_gn, grad_gate.to(grad_h_ptr.dtype.element_ty), mask=mask)
-            # <d out / d expert output, expert output> for this tile's columns: the routing-weight gradient
-            partial = tl.sum(tl.where(mask, acc * activated, 0.0), axis=1)
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            partial = _act_backward_epilogue(left, col_tile * BLOCK_N, row_ok, scale, h_rows, g_rows, N_OUT, stride_hn,
+                                             stride_gn, alpha, limit, ACT, GATED, INTERLEAVED)
+            partial += _act_backward_epilogue(right, col_tile * BLOCK_N + BLOCK_N // 2, row_ok, scale, h_rows, g_rows,
+                                              N_OUT, stride_hn, stride_gn, alpha, limit, ACT, GATED, INTERLEAVED)
             tl.store(partial_ptr + rows * stride_pm + col_tile, partial, mask=row_ok)
+
+
+@triton.jit
+def _act_backward_epilogue(acc, first_col, row_ok, scale, h_rows, g_rows, N_OUT, stride_hn, stride_gn, alpha, limit,
+                           ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """dH for the columns of ``acc`` (``G = A @ B``, from ``first_col``), stored; and the rows'
+    sums of ``G . act(H)`` over them, <d out / d expert output, expert output>: the routing-weight
+    gradient's share of these columns."""
+    cols = first_col + tl.arange(0, acc.shape[1])
+    mask = row_ok[:, None] & (cols < N_OUT)[None, :]
+    gate_cols = 2 * cols if INTERLEAVED else cols
+    up_cols = 2 * cols + 1 if INTERLEAVED else cols + N_OUT
+    gate = tl.load(h_rows + gate_cols[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(h_rows + up_cols[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
+        activated = gated_forward(gate, up, ACT, alpha, limit)
+        grad_gate, grad_up = gated_backward(gate, up, acc * scale, ACT, alpha, limit)
+        tl.store(g_rows + up_cols[None, :] * stride_gn, grad_up.to(g_rows.dtype.element_ty), mask=mask)
+    else:
+        activated = act_forward(gate, ACT)
+        grad_gate = acc * scale * act_derivative(gate, ACT)
+    tl.store(g_rows + gate_cols[None, :] * stride_gn, grad_gate.to(g_rows.dtype.element_ty), mask=mask)
+    return tl.sum(tl.where(mask, acc * activated, 0.0), axis=1)
 
 
 @triton.jit
@@ -443,12 +458,14 @@ def _config(kernel: str, n: int, k: int, fp8: int = NO_FP8, block_k: int | None 
         config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if e4m3 else 64, num_warps=8,
                       num_stages=4 if fp8 == PER_ROW else 3)
     elif kernel == "act_backward" and fp8 == PER_ROW:
+        # the act_backward tiles were timed while the epilogue took the whole tile at once, which
+        # spilled 0.3-0.5 KB in them (sm_90); in column halves none spills: untimed since.
         # 551 against 448 TFLOP/s for 64-row tiles at the large shape, 257 against 243 at the small
         config = dict(BLOCK_M=128, BLOCK_N=128 if n >= 128 else 64, BLOCK_K=128, num_warps=8, num_stages=4)
     elif kernel == "act_backward":
         # the epilogue holds H's gate and up, the activation and both gradients beside the
-        # accumulator: 8 warps keep them in registers (4 warps, or 128-row tiles, spill 0.3-1.6 KB);
-        # bf16 256 columns wide: 339 and 209 TFLOP/s against 280 and 182 for 128
+        # accumulator: 8 warps (4 spill in 128-row tiles); bf16 256 columns wide: 339 and 209
+        # TFLOP/s against 280 and 182 for 128
         wide = fp8 == NO_FP8 and n >= 256
         config = dict(BLOCK_M=64, BLOCK_N=256 if wide else 128 if n >= 128 else 64,
                       BLOCK_K=128 if e4m3 else 64 if k >= 64 else 32, num_warps=8, num_stages=3)
