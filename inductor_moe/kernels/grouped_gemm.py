@@ -78,7 +78,8 @@ def _tile(step, row_tiles, col_tiles, tiles_ptr, offsets_ptr, E, BLOCK_M: tl.con
     group_size = GROUP_M * col_tiles
     group = tile // group_size
     in_group = tile % group_size
-    group_rows = tl.minimum(row_tiles - group * GROUP_M, GROUP_M)  # the last may be short
+    # the last group may be short; a tile past the last (not valid) gets a row tile in range
+    group_rows = tl.maximum(tl.minimum(row_tiles - group * GROUP_M, GROUP_M), 1)
     row_tile = group * GROUP_M + in_group % group_rows
     experts = tl.arange(0, BLOCK_E)
     starts = tl.load(tiles_ptr + experts, mask=experts < E, other=2**30)
