@@ -7,10 +7,14 @@ aligned pointers and multiples of 16): without that the loads do not vectorize, 
 pipeliner leaves the K loops alone, and the code is not the code a GPU runs."""
 
 import json
+import os
 import re
+import subprocess
+import tempfile
 
 import torch
 import triton
+import triton.backends.nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -61,6 +65,16 @@ def main_loop(ttgir: str) -> dict:
             "epilogue_in_loop": "tt.store " in loop}
 
 
+def stack_bytes(cubin: bytes) -> int:
+    """A thread's stack in the kernel's binary (cuobjdump's resource usage): its spilled registers."""
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as binary:
+        binary.write(cubin)
+        binary.flush()
+        usage = subprocess.run([tool, "-res-usage", binary.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
 def narrowest_load_bytes(ptx: str) -> int:
     """The fewest bytes any global load of the kernel reads per thread (16: all are 16-byte vectors)."""
     loads = re.findall(r"ld\.global[.\w:]*?(?:\.v(\d))?\.[bfsu](\d+) ", ptx)
@@ -94,10 +108,13 @@ def _compile_instead_of_run(kernel: JITFunction, *args, grid, warmup, **kwargs):
         compiled = compile_like_launch(kernel, target, *args, **kwargs)
         if target.arch == 90:
             ttgir = compiled.asm["ttgir"]
-            report = {"shared_bytes": compiled.metadata.shared, "load_bytes": narrowest_load_bytes(compiled.asm["ptx"]),
+            report = {"shared_bytes": compiled.metadata.shared, "stack_bytes": stack_bytes(compiled.asm["cubin"]),
+                      "load_bytes": narrowest_load_bytes(compiled.asm["ptx"]),
                       "warp_run_bytes": narrowest_warp_run(ttgir),
                       **(main_loop(ttgir) if "warp_group_dot" in ttgir else {})}
-            hopper_builds.append((kernel.fn.__name__, fp8_mode, report | {"persistent": kwargs.get("PERSISTENT", False)}))
+            a_dtype = str(args[0].dtype).removeprefix("torch.") if isinstance(args[0], torch.Tensor) else "descriptor"
+            hopper_builds.append((kernel.fn.__name__, fp8_mode,
+                                  report | {"persistent": kwargs.get("PERSISTENT", False), "a_dtype": a_dtype}))
     built.append(kernel.fn.__name__)
 
 

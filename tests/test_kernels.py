@@ -400,7 +400,7 @@ def test_kernels_compile_for_gpus():
     dequantized tiles; its MMAs accumulate in place, except blockwise FP8's, whose K blocks'
     products are scaled before they are added. A persistent GEMM's K loops are flattened into
     its loop over tiles, pipelined across them: the next tile's copies start before this one's
-    epilogue.
+    epilogue. dH spills no registers in bf16 and FP8.
 
     In a separate process: under the interpreter, kernels are not compilable objects."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -427,3 +427,6 @@ def test_kernels_compile_for_gpus():
         assert loop["mma_from_zero"] == (loop["mma"] if loop["fp8"] == grouped_gemm.PER_K_BLOCK else 0), loop
         assert loop["epilogue_in_loop"] == loop["persistent"], loop  # persistent: the K loops flattened
     assert {loop["fp8"] for loop in loops if loop["persistent"]} == {grouped_gemm.NO_FP8, grouped_gemm.PER_ROW}
+    # dH's epilogue, in column halves, keeps its tiles in registers (float32's IEEE products aside)
+    dh = [build for build in hopper if build["kernel"] == "_gemm_act_backward_kernel" and build["a_dtype"] != "float32"]
+    assert len(dh) == 6 and all(build["stack_bytes"] == 0 for build in dh), dh
