@@ -55,21 +55,6 @@ def accuracy_rows(device: str, families: bool) -> list[dict]:
     return rows
 
 
-def graphed(fn):
-    """``fn`` captured in a CUDA graph, warmed up off the capturing stream first: its replay, the
-    kernels' time without the host's launches (FP8 weights quantized in every replay: a captured
-    graph does not read the weight cache)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def throughput_rows() -> list[dict]:
     import triton
 
@@ -102,7 +87,8 @@ def throughput_rows() -> list[dict]:
 
             modes = [("forward + backward", lambda: train_step, 3 * flops)]
             if fp8_dw:  # the weight gradients' precision changes nothing forward
-                modes[:0] = [("forward", lambda: forward, flops), ("forward, CUDA graph", lambda: graphed(forward), flops)]
+                modes[:0] = [("forward", lambda: forward, flops),
+                             ("forward, CUDA graph", lambda: benchmark.cuda_graph(forward)[0].replay, flops)]
             for mode, make, mode_flops in modes:
                 ms = triton.testing.do_bench(make(), return_mode="median")
                 medians[mode, recipe] = medians.get((mode, recipe), ms)

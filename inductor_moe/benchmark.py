@@ -128,6 +128,21 @@ def environment() -> dict:
     }
 
 
+def cuda_graph(fn):
+    """(graph, what ``fn`` returned while captured): ``fn`` run once off the capturing stream (lazy
+    initialisation, kernel compiles), then captured in a CUDA graph; ``graph.replay()`` reruns its
+    kernels on whatever the captured tensors then hold, without the host's launches."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 def rows(benchmark: str, shape: dict, medians: dict, flops: int) -> list[dict]:
     return [
         {

@@ -14,7 +14,7 @@ from helpers import assert_close, assert_matches_eager
 from references import OPERANDS, make_experts, reference_experts, reference_route
 
 import inductor_moe
-from inductor_moe import accuracy, models
+from inductor_moe import accuracy, benchmark, models
 from inductor_moe.kernels import align, grouped_gemm, routing, unpermute
 from inductor_moe.ops import triton_impl
 from inductor_moe.ops.activations import Activation
@@ -295,14 +295,7 @@ def test_experts_op_replays_in_a_cuda_graph(recipe):
         out = torch.ops.inductor_moe.experts(*static.values(), "swiglu", fp8_recipe=recipe)[0]
         return [out, *torch.autograd.grad(out, leaves, grad_out)]
 
-    side = torch.cuda.Stream()  # warm-up off the capturing stream, as torch.cuda.graph's users do
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = benchmark.cuda_graph(step)
     with torch.no_grad():
         for name, fresh in make().items():
             if fresh is not None:
