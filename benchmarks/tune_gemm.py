@@ -46,8 +46,11 @@ BF16 = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 2
 # tiles with 8 warps spill the least (--ptxas)
 FP8 = [(128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
        (64, 256, 128, 8, 3), (64, 128, 128, 8, 3), (64, 128, 128, 8, 4), (128, 64, 128, 8, 3)]
+# rowwise steps need not match a scale block: 256 of K halve a short K loop (the down projection
+# at n = 512: two steps, not four); sm_90 builds them without spills, persistent too
+ROWWISE = FP8 + [(128, 256, 256, 8, 2), (128, 128, 256, 8, 3)]
 # name in the results -> (FP8 recipe, candidates); MX tiles are dequantized to bf16 in the kernel
-PRECISIONS = {"bf16": (None, BF16), "fp8 rowwise": ("rowwise", FP8), "fp8 blockwise": ("blockwise", FP8),
+PRECISIONS = {"bf16": (None, BF16), "fp8 rowwise": ("rowwise", ROWWISE), "fp8 blockwise": ("blockwise", FP8),
               "mxfp8": ("mxfp8", BF16)}
 # what each GEMM of the experts op is (SwiGLU): the names in the results
 GEMMS = {"up": "up + SwiGLU, H stored", "down": "down",
