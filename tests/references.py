@@ -42,7 +42,7 @@ def make_experts(tokens, hidden, inner, num_experts, k, act: Activation, dtype, 
 
 
 def reference_route(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0,
-                    group_fill=float("-inf")):
+                    group_fill=float("-inf"), eps=0.0):
     """(weights float64 [T, k], ids [T, k]) token by token, best first; see ops/route.py."""
     weights, ids = [], []
     for row in logits.double():
@@ -58,7 +58,7 @@ def reference_route(logits, k, renormalize, scoring="softmax", bias=None, n_grou
         chosen = sorted(range(row.numel()), key=lambda i: -choice[i].item())[:k]
         w = scores[chosen]
         if renormalize:
-            w = w / w.sum()
+            w = w / (w.sum() + eps)
         weights.append(w * scale)
         ids.append(chosen)
     return torch.stack(weights), torch.tensor(ids)

@@ -46,6 +46,7 @@ ROUTERS = {
     "sigmoid, groups of 2": dict(renormalize=False, sigmoid=True, n_group=4, topk_group=1),
     "sigmoid, groups filled with 0": dict(renormalize=True, sigmoid=True, n_group=4, topk_group=2, group_fill=0.0, bias=True),
     "top-k of the logits": dict(renormalize=True, choose_on_logits=True, scale=0.5),
+    "sigmoid, renormalised with an eps": dict(renormalize=True, sigmoid=True, eps=1e-6),  # LFM2-MoE's
 }
 
 
@@ -55,6 +56,8 @@ def test_route_kernel(router, tokens, experts, k):
     options = dict(ROUTERS[router])
     if "group_fill" in options:
         logits_shift = -4.0  # sigmoid scores plus a negative bias: some kept choices fall below 0
+    elif "eps" in options:
+        logits_shift = -14.0  # sigmoid scores about the eps: it changes the weights by half
     else:
         logits_shift = 0.0
     if options.get("n_group", 1) > experts // 2 or options.get("topk_group", 1) * experts // options.get("n_group", 1) < k:
@@ -75,10 +78,11 @@ def test_route_kernel(router, tokens, experts, k):
     x = logits.cpu().double().requires_grad_()
     scores = x.sigmoid() if sigmoid else x.softmax(-1)
     picked = scores.gather(-1, ids.cpu().long())
+    eps = options.get("eps", 0.0)
     if options["renormalize"]:
-        picked = picked / picked.sum(-1, keepdim=True)
+        picked = picked / (picked.sum(-1, keepdim=True) + eps)
     (expected,) = torch.autograd.grad(picked * options.get("scale", 1.0), x, grad.cpu().double())
-    actual = routing.route_backward(grad, logits, ids, options["renormalize"], sigmoid, options.get("scale", 1.0))
+    actual = routing.route_backward(grad, logits, ids, options["renormalize"], sigmoid, options.get("scale", 1.0), eps)
     assert_close(actual.cpu(), expected, EXACT, "grad of logits")
 
 

@@ -215,13 +215,23 @@ class RewrittenGraphs(TestCase):
     l_x_ = L_x_
     bias_ = L_self_bias_
     linear = torch._C._nn.linear(l_x_, gate_weight_, None)
-    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True, scoring = 'sigmoid', bias = bias_, scale = 2.5, n_group = 4, topk_group = 2, group_fill = -inf)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True, scoring = 'sigmoid', bias = bias_, scale = 2.5, eps = 1e-20, n_group = 4, topk_group = 2, group_fill = -inf)
     getitem_6 = route_default[1]
     to = getitem_6.to(torch.int64)
     getitem_7 = route_default[0]
     return (getitem_7, to)
 """)
         self.assertEqual(rewrites(), {"router": 1})
+
+    def test_renormalisation_eps_is_kept(self):
+        router, x = SigmoidRouterWithEps(), x_for()
+        torch._dynamo.reset()
+        weights, ids = torch.compile(router)(x)
+        self.assertEqual(rewrites(), {"router": 1})
+        expected_weights, expected_ids = router(x)
+        self.assertTrue(torch.equal(ids, expected_ids))
+        self.assertLess(expected_weights.max().item(), 0.9)  # the eps shows in these weights
+        torch.testing.assert_close(weights, expected_weights)
 
     def test_topk_then_softmax_router(self):
         code = rewritten_code(TopKThenSoftmaxRouter().bfloat16(), x_for(torch.bfloat16))
@@ -369,6 +379,21 @@ class GroupLimitedRouter(nn.Module):
         weights = (scores if self.weights_from == "scores" else choice).gather(1, ids)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * 2.5, ids
+
+
+class SigmoidRouterWithEps(nn.Module):
+    """LFM2-MoE's renormalisation, top-k sigmoid scores / (their sum + 1e-6), on logits about
+    -14: scores about the eps, which roughly halves the one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(SMALL.hidden, 8)
+        nn.init.normal_(self.gate.weight, std=0.01)
+        nn.init.constant_(self.gate.bias, -14.0)
+
+    def forward(self, x):
+        weights, ids = torch.topk(self.gate(x).float().sigmoid(), k=1, dim=-1)
+        return weights / (weights.sum(dim=-1, keepdim=True) + 1e-6), ids
 
 
 class TopKThenSoftmaxRouter(nn.Module):

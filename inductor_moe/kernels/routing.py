@@ -5,7 +5,7 @@
     group-limited: keep the topk_group groups with the largest sum of their two best choices;
                    the other experts' choice becomes 0 (DeepSeek-V3)
     ids = top-k of choice (ties: lowest index); weights = scores[ids]
-    weights = scale * weights / sum(weights)  (renormalize)  or  scale * weights
+    weights = scale * weights / (sum(weights) + eps)  (renormalize)  or  scale * weights
 
 With ``choose_on_logits`` the choice is the logits themselves (top-k then softmax).
 
@@ -41,7 +41,7 @@ def _argmax(values, cols, BLOCK_E: tl.constexpr):
 @triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
-    T, E, stride_t, scale, group_fill,
+    T, E, stride_t, scale, group_fill, eps,
     K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, CHOOSE_ON_LOGITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -85,7 +85,7 @@ def _route_kernel(
         ids = tl.where(slots[None, :] == j, best[:, None], ids)
         choice = tl.where(hit, -float("inf"), choice)
     if RENORMALIZE:
-        picked = picked / tl.maximum(tl.sum(picked, axis=1), 1e-30)[:, None]
+        picked = picked / tl.maximum(tl.sum(picked, axis=1) + eps, 1e-30)[:, None]
     out = rows[:, None] * K + slots[None, :]
     out_mask = (rows < T)[:, None] & (slots < K)[None, :]
     tl.store(weights_ptr + out, picked * scale, mask=out_mask)
@@ -95,7 +95,7 @@ def _route_kernel(
 @triton.jit
 def _route_backward_kernel(
     grad_ptr, logits_ptr, ids_ptr, grad_logits_ptr,
-    T, E, stride_t, scale,
+    T, E, stride_t, scale, eps,
     K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -113,8 +113,8 @@ def _route_backward_kernel(
         p_j = tl.sum(tl.where(cols[None, :] == id_j[:, None], scores, 0.0), axis=1)
         picked = tl.where(slots[None, :] == j, p_j[:, None], picked)
     if RENORMALIZE:
-        # weights = scale * p / s with s = sum(p): d/dp_j = scale / s * (g_j - <g, p> / s)
-        total = tl.maximum(tl.sum(picked, axis=1), 1e-30)
+        # weights = scale * p / s with s = sum(p) + eps: d/dp_j = scale / s * (g_j - <g, p> / s)
+        total = tl.maximum(tl.sum(picked, axis=1) + eps, 1e-30)
         grad = scale / total[:, None] * (grad - (tl.sum(grad * picked, axis=1) / total)[:, None])
     else:
         grad = grad * scale
@@ -137,7 +137,7 @@ def _blocks(num_experts: int, k: int) -> dict:
 
 
 def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_group=1, scale=1.0,
-          group_fill=float("-inf"), choose_on_logits=False):
+          group_fill=float("-inf"), eps=0.0, choose_on_logits=False):
     """(weights float32 [T, k], ids int32 [T, k]) for logits ``[T, E]``."""
     logits = logits.contiguous()
     num_tokens, num_experts = logits.shape
@@ -146,14 +146,14 @@ def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_grou
     blocks = _blocks(num_experts, k)
     _route_kernel[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
         logits, bias if bias is not None else logits, weights, ids,
-        num_tokens, num_experts, logits.stride(0), scale, group_fill,
+        num_tokens, num_experts, logits.stride(0), scale, group_fill, eps,
         K=k, SIGMOID=sigmoid, HAS_BIAS=bias is not None, RENORMALIZE=renormalize,
         N_GROUP=n_group, TOPK_GROUP=topk_group, CHOOSE_ON_LOGITS=choose_on_logits, **blocks,
     )
     return weights, ids
 
 
-def route_backward(grad_weights, logits, ids, renormalize, sigmoid=False, scale=1.0):
+def route_backward(grad_weights, logits, ids, renormalize, sigmoid=False, scale=1.0, eps=0.0):
     """Gradient of ``route``'s weights with respect to the logits (ids are not differentiable)."""
     logits = logits.contiguous()
     num_tokens, num_experts = logits.shape
@@ -162,7 +162,7 @@ def route_backward(grad_weights, logits, ids, renormalize, sigmoid=False, scale=
     blocks = _blocks(num_experts, k)
     _route_backward_kernel[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
         grad_weights.contiguous(), logits, ids.contiguous(), grad_logits,
-        num_tokens, num_experts, logits.stride(0), scale,
+        num_tokens, num_experts, logits.stride(0), scale, eps,
         K=k, SIGMOID=sigmoid, RENORMALIZE=renormalize, **blocks,
     )
     return grad_logits.to(logits.dtype)

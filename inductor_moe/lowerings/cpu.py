@@ -57,7 +57,7 @@ def _activation(a: dict) -> Activation:
 def _route(match: Match, *args, **kwargs):
     a = _bound(_OPS.route.default, args, kwargs)
     options = [a[name] for name in ("k", "renormalize", "scoring")]
-    rest = [a[name] for name in ("n_group", "topk_group", "scale", "group_fill")]
+    rest = [a[name] for name in ("n_group", "topk_group", "scale", "group_fill", "eps")]
     match.replace_by_example(lambda logits, bias: cpu.route_forward(logits, *options, bias, *rest), [a["logits"], a["bias"]])
 
 
@@ -67,7 +67,7 @@ def _route(match: Match, *args, **kwargs):
 )
 def _route_backward(match: Match, *args, **kwargs):
     a = _bound(_OPS.route_backward.default, args, kwargs)
-    options = [a[name] for name in ("renormalize", "scoring", "scale")]
+    options = [a[name] for name in ("renormalize", "scoring", "scale", "eps")]
     match.replace_by_example(
         lambda grad, logits, ids: cpu.route_backward(grad, logits, ids, *options), [a["grad_weights"], a["logits"], a["ids"]]
     )

@@ -145,7 +145,7 @@ def compilable(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
 
 
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
-                  scale: float, group_fill: float):
+                  scale: float, group_fill: float, eps: float = 0.0):
     """The ``route`` op's computation: (float32 weights, int32 ids); see ops/route.py."""
     if scoring == "softmax_of_topk":
         values, ids = torch.topk(logits, k, dim=-1)  # in the logits' dtype: eager's own selection
@@ -162,11 +162,11 @@ def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group
     ids = torch.topk(choice, k, dim=-1).indices
     weights = scores.gather(-1, ids)
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
     return weights * scale, ids.to(torch.int32)
 
 
-def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float):
+def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float, eps: float = 0.0):
     """Gradient of the logits from the routing weights' gradient."""
     x = logits.float()
     scores = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)
@@ -174,9 +174,9 @@ def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, s
     ids = ids.long()
     grad = grad_weights.float() * scale
     if renormalize:
-        # weights = p / s with s = sum(p): dL/dp_j = (g_j - <g, p> / s) / s
+        # weights = p / s with s = sum(p) + eps: dL/dp_j = (g_j - <g, p> / s) / s
         picked = scores.gather(-1, ids)
-        total = picked.sum(dim=-1, keepdim=True)
+        total = picked.sum(dim=-1, keepdim=True) + eps
         grad = (grad - (grad * picked).sum(dim=-1, keepdim=True) / total) / total
     grad_scores = torch.zeros_like(scores).scatter(-1, ids, grad)
     if scoring == "sigmoid":

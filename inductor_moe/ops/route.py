@@ -6,7 +6,7 @@
         their two best choices stay candidates; the others' choice becomes group_fill
         (DeepSeek-V3: -inf, or 0 in older code)
     ids = top-k of choice;  weights = scores[ids]
-    weights = scale * weights / weights.sum(-1)    (renormalize)  or  scale * weights
+    weights = scale * weights / (weights.sum(-1) + eps)    (renormalize)  or  scale * weights
 
 scoring "softmax_of_topk" (gpt-oss, Mixtral's first code): ids = top-k of the logits themselves,
 weights = scale * softmax of those k logits, which is the renormalised softmax of the others.
@@ -57,15 +57,17 @@ def route(
     topk_group: int = 1,
     scale: float = 1.0,
     group_fill: float = 0.0,  # no -inf default: the schema parser takes none; callers pass it
+    eps: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     _check(logits, k, scoring, bias, n_group, topk_group)
     return implementation.of(logits).route_forward(
-        logits, k, renormalize, scoring, bias, n_group, topk_group, scale, group_fill
+        logits, k, renormalize, scoring, bias, n_group, topk_group, scale, group_fill, eps
     )
 
 
 @route.register_fake
-def _(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0, group_fill=0.0):
+def _(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0, group_fill=0.0,
+      eps=0.0):
     _check(logits, k, scoring, bias, n_group, topk_group)
     shape = (logits.shape[0], k)
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
@@ -73,26 +75,26 @@ def _(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_grou
 
 @torch.library.custom_op("inductor_moe::route_backward", mutates_args=())
 def route_backward(
-    grad_weights: Tensor, logits: Tensor, ids: Tensor, renormalize: bool, scoring: str, scale: float
+    grad_weights: Tensor, logits: Tensor, ids: Tensor, renormalize: bool, scoring: str, scale: float, eps: float = 0.0
 ) -> Tensor:
     """Gradient of the logits from the weights' gradient (the bias and the selection get none)."""
-    return implementation.of(logits).route_backward(grad_weights, logits, ids, renormalize, scoring, scale)
+    return implementation.of(logits).route_backward(grad_weights, logits, ids, renormalize, scoring, scale, eps)
 
 
 @route_backward.register_fake
-def _(grad_weights, logits, ids, renormalize, scoring, scale):
+def _(grad_weights, logits, ids, renormalize, scoring, scale, eps=0.0):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, _, renormalize, scoring, _, _, _, scale, _ = inputs
+    logits, _, renormalize, scoring, _, _, _, scale, _, eps = inputs
     ctx.save_for_backward(logits, output[1])
-    ctx.options = renormalize, scoring, scale
+    ctx.options = renormalize, scoring, scale, eps
 
 
 def _backward(ctx, grad_weights, _grad_ids):
     logits, ids = ctx.saved_tensors
-    return route_backward(grad_weights, logits, ids, *ctx.options), *[None] * 8
+    return route_backward(grad_weights, logits, ids, *ctx.options), *[None] * 9
 
 
 route.register_autograd(_backward, setup_context=_setup_context)

@@ -150,23 +150,23 @@ def _selection(choice: Node):
     return scoring, logits, choice, bias, groups, nodes, shareable
 
 
-def _postprocessing(weights: Node) -> tuple[Node, bool, float, set]:
-    """(final weights, renormalized, scale, nodes) after ``/ sum [+ eps]`` and ``* scale``."""
-    node, renormalized, scale, nodes = weights, False, 1.0, set()
+def _postprocessing(weights: Node) -> tuple[Node, bool, float, float, set]:
+    """(final weights, renormalized, eps, scale, nodes) after ``/ (sum [+ eps])`` and ``* scale``."""
+    node, renormalized, eps, scale, nodes = weights, False, 0.0, 1.0, set()
     users = list(node.users)
     divisions = [u for u in users if is_call(u, "div")]
     if len(divisions) == 1 and call(divisions[0])["input"] is node:
         total = call(divisions[0])["other"]
-        eps = call(total)
-        nodes_eps = set()
-        if eps is not None and eps.name == "add" and isinstance(eps["other"], float) and 0 <= eps["other"] <= 1e-6:
-            nodes_eps = {total}
-            total = eps["input"]
+        added = call(total)
+        nodes_eps, sum_eps = set(), 0.0
+        if added is not None and added.name == "add" and isinstance(added["other"], float) and added["other"] >= 0:
+            # kept exactly: with sigmoid scores the sum can be as small as the eps (LFM2's 1e-6)
+            nodes_eps, sum_eps = {total}, added["other"]
+            total = added["input"]
         s = call(total)
         if (s is not None and s.name == "sum" and s["input"] is node and s["keepdim"]
                 and is_last_dim(s["dim"], len(shape(node))) and set(users) == {divisions[0], total}):
-            # an eps that small changes nothing in float32 unless the sum is ~0: the weights are positive
-            renormalized, node = True, divisions[0]
+            renormalized, eps, node = True, sum_eps, divisions[0]
             nodes |= {divisions[0], total} | nodes_eps
     users = list(node.users)
     if len(users) == 1 and is_call(users[0], "mul"):
@@ -175,7 +175,7 @@ def _postprocessing(weights: Node) -> tuple[Node, bool, float, set]:
         if factor is not None:
             node, scale = users[0], factor
             nodes.add(node)
-    return node, renormalized, scale, nodes
+    return node, renormalized, eps, scale, nodes
 
 
 def match_router(anchor: Node) -> Router | None:
@@ -206,11 +206,11 @@ def match_router(anchor: Node) -> Router | None:
                 "the routing weights are not the chosen scores")
         weights = gathers[0]
     nodes.add(weights)
-    weights, renormalized, scale, post_nodes = _postprocessing(weights)
-    options = dict(renormalize=renormalized, scoring=scoring, bias=bias, scale=scale, **(groups or {}))
+    weights, renormalized, eps, scale, post_nodes = _postprocessing(weights)
+    options = dict(renormalize=renormalized, scoring=scoring, bias=bias, scale=scale, eps=eps, **(groups or {}))
     options = {name: v for name, v in options.items() if name == "renormalize" or v != _DEFAULTS[name]}
     return Router(logits, c["k"], options, weights, ids, nodes | post_nodes, shareable)
 
 
 # the route op's defaults, left out of the rewritten graph so that it reads like the model
-_DEFAULTS = dict(scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0, group_fill=0.0)
+_DEFAULTS = dict(scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0, group_fill=0.0, eps=0.0)
