@@ -145,7 +145,7 @@ def compilable(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
 
 
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
-                  scale: float, group_fill: float, eps: float = 0.0):
+                  scale: float, group_fill: float, eps: float):
     """The ``route`` op's computation: (float32 weights, int32 ids); see ops/route.py."""
     if scoring == "softmax_of_topk":
         values, ids = torch.topk(logits, k, dim=-1)  # in the logits' dtype: eager's own selection
@@ -166,7 +166,7 @@ def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group
     return weights * scale, ids.to(torch.int32)
 
 
-def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float, eps: float = 0.0):
+def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float, eps: float):
     """Gradient of the logits from the routing weights' gradient."""
     x = logits.float()
     scores = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)

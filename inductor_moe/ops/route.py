@@ -75,14 +75,14 @@ def _(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_grou
 
 @torch.library.custom_op("inductor_moe::route_backward", mutates_args=())
 def route_backward(
-    grad_weights: Tensor, logits: Tensor, ids: Tensor, renormalize: bool, scoring: str, scale: float, eps: float = 0.0
+    grad_weights: Tensor, logits: Tensor, ids: Tensor, renormalize: bool, scoring: str, scale: float, eps: float
 ) -> Tensor:
     """Gradient of the logits from the weights' gradient (the bias and the selection get none)."""
     return implementation.of(logits).route_backward(grad_weights, logits, ids, renormalize, scoring, scale, eps)
 
 
 @route_backward.register_fake
-def _(grad_weights, logits, ids, renormalize, scoring, scale, eps=0.0):
+def _(grad_weights, logits, ids, renormalize, scoring, scale, eps):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
