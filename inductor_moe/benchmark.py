@@ -215,7 +215,7 @@ def bf16_matmul_emulated() -> bool:
     or AMX torch emulates bfloat16 (~1 GFLOP/s on two AVX2 cores, ~100 in float32)."""
     a = torch.randn(256, 256)
     b = a.bfloat16()
-    medians = _interleaved({"bfloat16": lambda: b @ b, "float32": lambda: a @ a}, 1, lambda: None)
+    medians = _interleaved({"bfloat16": lambda: b @ b, "float32": lambda: a @ a}, 5, lambda: None)
     return medians["bfloat16"] > 4 * medians["float32"]
 
 
