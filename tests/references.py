@@ -42,16 +42,16 @@ def make_experts(tokens, hidden, inner, num_experts, k, act: Activation, dtype, 
 
 
 def reference_route(logits, k, renormalize, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0,
-                    group_fill=float("-inf"), eps=0.0):
+                    group_fill=float("-inf"), eps=0.0, group_top=2):
     """(weights float64 [T, k], ids [T, k]) token by token, best first; see ops/route.py."""
     weights, ids = [], []
     for row in logits.double():
-        scores = row.sigmoid() if scoring == "sigmoid" else row.softmax(-1)
-        choice = (row if scoring == "softmax_of_topk" else scores) + (0 if bias is None else bias.double())
+        scores = row.sigmoid() if scoring.startswith("sigmoid") else row.softmax(-1)
+        choice = (row if scoring.endswith("_of_topk") else scores) + (0 if bias is None else bias.double())
         renormalize = renormalize or scoring == "softmax_of_topk"
         if n_group > 1:
             size = row.numel() // n_group
-            groups = [sorted(choice[g * size:(g + 1) * size].tolist())[-2:] for g in range(n_group)]
+            groups = [sorted(choice[g * size:(g + 1) * size].tolist())[-group_top:] for g in range(n_group)]
             kept = sorted(range(n_group), key=lambda g: -sum(groups[g]))[:topk_group]
             choice = torch.tensor([c if i // size in kept else group_fill for i, c in enumerate(choice.tolist())],
                                   dtype=torch.float64)

@@ -46,6 +46,8 @@ ROUTERS = {
     "sigmoid, groups of 2": dict(renormalize=False, sigmoid=True, n_group=4, topk_group=1),
     "sigmoid, groups filled with 0": dict(renormalize=True, sigmoid=True, n_group=4, topk_group=2, group_fill=0.0, bias=True),
     "top-k of the logits": dict(renormalize=True, choose_on_logits=True, scale=0.5),
+    "top-k of the logits, sigmoid": dict(renormalize=True, sigmoid=True, choose_on_logits=True, scale=2.0),
+    "softmax, groups ranked by their best": dict(renormalize=False, n_group=4, topk_group=2, group_top=1, group_fill=0.0),
     "sigmoid, renormalised with an eps": dict(renormalize=True, sigmoid=True, eps=1e-6),  # LFM2-MoE's
 }
 
@@ -68,7 +70,7 @@ def test_route_kernel(router, tokens, experts, k):
         bias -= 0.5
     weights, ids = routing.route(logits, k, bias=bias, **options)
     sigmoid = options.pop("sigmoid", False)
-    scoring = "softmax_of_topk" if options.pop("choose_on_logits", False) else "sigmoid" if sigmoid else "softmax"
+    scoring = ("sigmoid" if sigmoid else "softmax") + ("_of_topk" if options.pop("choose_on_logits", False) else "")
     expected_weights, expected_ids = reference_route(logits.cpu(), k, scoring=scoring,
                                                      bias=None if bias is None else bias.cpu(), **options)
     assert torch.equal(ids.cpu().long(), expected_ids), "ids (best first, ties to the lowest index)"

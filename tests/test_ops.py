@@ -124,6 +124,10 @@ ROUTERS = {  # name -> route options
         renormalize=True, scoring="sigmoid", n_group=4, topk_group=2, group_fill=0.0, bias=True
     ),
     "top-k then softmax (gpt-oss)": dict(renormalize=False, scoring="softmax_of_topk", scale=0.5),
+    "top-k then sigmoid, renormalised (Cohere2-MoE)": dict(renormalize=True, scoring="sigmoid_of_topk", scale=2.0),
+    "softmax, groups ranked by their best (DeepSeek-V2)": dict(
+        renormalize=False, n_group=4, topk_group=2, group_top=1, group_fill=0.0, scale=16.0
+    ),
     "sigmoid, renormalised with an eps": dict(renormalize=True, scoring="sigmoid", eps=0.5),  # large: it shows
 }
 
@@ -164,7 +168,7 @@ def test_route_gradient_matches_autograd(router):
     (actual,) = torch.autograd.grad(route_op(logits, 3, **options)[0], logits, grad)
     x = logits.detach().float().requires_grad_()
     scoring = options.get("scoring", "softmax")
-    scores = x.sigmoid() if scoring == "sigmoid" else x.softmax(-1)
+    scores = x.sigmoid() if scoring.startswith("sigmoid") else x.softmax(-1)
     picked = scores.gather(-1, ids.long())
     if options["renormalize"] or scoring == "softmax_of_topk":
         picked = picked / (picked.sum(-1, keepdim=True) + options.get("eps", 0.0))
@@ -213,3 +217,7 @@ def test_route_rejects_bad_arguments():
         route_op(torch.randn(4, 8), 2, True, "tanh")
     with pytest.raises(RuntimeError, match="cannot form 3 groups"):
         route_op(torch.randn(4, 8), 2, True, "sigmoid", None, 3, 1)
+    with pytest.raises(RuntimeError, match="groups of 2 experts have no 3 best"):
+        route_op(torch.randn(4, 8), 2, True, "sigmoid", None, 4, 1, group_top=3)
+    with pytest.raises(RuntimeError, match="sigmoid_of_topk selects on the logits: no bias"):
+        route_op(torch.randn(4, 8), 2, True, "sigmoid_of_topk", torch.zeros(8))

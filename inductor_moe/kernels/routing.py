@@ -2,12 +2,12 @@
 
     scores = softmax(logits) or sigmoid(logits)                      (float32)
     choice = scores + bias                                           (bias: selection only)
-    group-limited: keep the topk_group groups with the largest sum of their two best choices;
-                   the other experts' choice becomes 0 (DeepSeek-V3)
+    group-limited: keep the topk_group groups with the largest sum of their GROUP_TOP best
+                   choices; the other experts' choice becomes group_fill (DeepSeek-V3)
     ids = top-k of choice (ties: lowest index); weights = scores[ids]
     weights = scale * weights / (sum(weights) + eps)  (renormalize)  or  scale * weights
 
-With ``choose_on_logits`` the choice is the logits themselves (top-k then softmax).
+With ``choose_on_logits`` the choice is the logits themselves (top-k, then softmax or sigmoid).
 
 One program routes BLOCK_T tokens over all E experts (E up to a few hundred).
 """
@@ -43,7 +43,7 @@ def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     T, E, stride_t, scale, group_fill, eps,
     K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
-    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, CHOOSE_ON_LOGITS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP: tl.constexpr, CHOOSE_ON_LOGITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -59,13 +59,14 @@ def _route_kernel(
     choice = tl.where(mask, choice, -float("inf"))
     if N_GROUP > 1:
         group = cols // (E // N_GROUP)
-        # a group's score: the sum of its two best choices
+        # a group's score: the sum of its GROUP_TOP best choices
         group_scores = tl.zeros((BLOCK_T, N_GROUP), tl.float32)
         for g in tl.static_range(N_GROUP):
             in_group = tl.where((group == g)[None, :], choice, -float("inf"))
-            first = _argmax(in_group, cols, BLOCK_E)
-            second = tl.max(tl.where(cols[None, :] == first[:, None], -float("inf"), in_group), axis=1)
-            total = tl.max(in_group, axis=1) + second
+            total = tl.zeros((BLOCK_T,), tl.float32)
+            for _ in tl.static_range(GROUP_TOP):
+                total += tl.max(in_group, axis=1)
+                in_group = tl.where(cols[None, :] == _argmax(in_group, cols, BLOCK_E)[:, None], -float("inf"), in_group)
             group_scores = tl.where((tl.arange(0, N_GROUP) == g)[None, :], total[:, None], group_scores)
         keep = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
         group_cols = tl.arange(0, N_GROUP)
@@ -137,7 +138,7 @@ def _blocks(num_experts: int, k: int) -> dict:
 
 
 def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_group=1, scale=1.0,
-          group_fill=float("-inf"), eps=0.0, choose_on_logits=False):
+          group_fill=float("-inf"), eps=0.0, group_top=2, choose_on_logits=False):
     """(weights float32 [T, k], ids int32 [T, k]) for logits ``[T, E]``."""
     logits = logits.contiguous()
     num_tokens, num_experts = logits.shape
@@ -148,7 +149,7 @@ def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_grou
         logits, bias if bias is not None else logits, weights, ids,
         num_tokens, num_experts, logits.stride(0), scale, group_fill, eps,
         K=k, SIGMOID=sigmoid, HAS_BIAS=bias is not None, RENORMALIZE=renormalize,
-        N_GROUP=n_group, TOPK_GROUP=topk_group, CHOOSE_ON_LOGITS=choose_on_logits, **blocks,
+        N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_TOP=group_top, CHOOSE_ON_LOGITS=choose_on_logits, **blocks,
     )
     return weights, ids
 

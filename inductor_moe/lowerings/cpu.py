@@ -57,7 +57,7 @@ def _activation(a: dict) -> Activation:
 def _route(match: Match, *args, **kwargs):
     a = _bound(_OPS.route.default, args, kwargs)
     options = [a[name] for name in ("k", "renormalize", "scoring")]
-    rest = [a[name] for name in ("n_group", "topk_group", "scale", "group_fill", "eps")]
+    rest = [a[name] for name in ("n_group", "topk_group", "scale", "group_fill", "eps", "group_top")]
     match.replace_by_example(lambda logits, bias: cpu.route_forward(logits, *options, bias, *rest), [a["logits"], a["bias"]])
 
 

@@ -145,22 +145,24 @@ def compilable(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
 
 
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
-                  scale: float, group_fill: float, eps: float):
+                  scale: float, group_fill: float, eps: float, group_top: int):
     """The ``route`` op's computation: (float32 weights, int32 ids); see ops/route.py."""
-    if scoring == "softmax_of_topk":
+    sigmoid = scoring.startswith("sigmoid")
+    if scoring.endswith("_of_topk"):
         values, ids = torch.topk(logits, k, dim=-1)  # in the logits' dtype: eager's own selection
-        return torch.softmax(values.float(), dim=-1) * scale, ids.to(torch.int32)
-    x = logits.float()
-    scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
-    choice = scores if bias is None else scores + bias.float()
-    if n_group > 1:
-        num_tokens, num_experts = choice.shape
-        group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
-        kept = group_scores.topk(topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, kept, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), group_fill)
-    ids = torch.topk(choice, k, dim=-1).indices
-    weights = scores.gather(-1, ids)
+        weights = torch.sigmoid(values.float()) if sigmoid else torch.softmax(values.float(), dim=-1)
+    else:
+        x = logits.float()
+        scores = torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
+        choice = scores if bias is None else scores + bias.float()
+        if n_group > 1:
+            num_tokens, num_experts = choice.shape
+            group_scores = choice.view(num_tokens, n_group, -1).topk(group_top, dim=-1).values.sum(dim=-1)
+            kept = group_scores.topk(topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, kept, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(num_experts // n_group, dim=1), group_fill)
+        ids = torch.topk(choice, k, dim=-1).indices
+        weights = scores.gather(-1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
     return weights * scale, ids.to(torch.int32)
@@ -169,7 +171,8 @@ def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group
 def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float, eps: float):
     """Gradient of the logits from the routing weights' gradient."""
     x = logits.float()
-    scores = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)
+    sigmoid = scoring.startswith("sigmoid")
+    scores = torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
     renormalize = renormalize or scoring == "softmax_of_topk"  # the softmax of k is renormalised
     ids = ids.long()
     grad = grad_weights.float() * scale
@@ -179,7 +182,7 @@ def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, s
         total = picked.sum(dim=-1, keepdim=True) + eps
         grad = (grad - (grad * picked).sum(dim=-1, keepdim=True) / total) / total
     grad_scores = torch.zeros_like(scores).scatter(-1, ids, grad)
-    if scoring == "sigmoid":
+    if sigmoid:
         grad_logits = grad_scores * scores * (1 - scores)
     else:
         grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
