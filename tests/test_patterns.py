@@ -35,13 +35,12 @@ class RewrittenGraphs(TestCase):
     b1_ = L_self_b1_
     w2_ = L_self_w2_
     b2_ = L_self_b2_
-    tokens = l_x_.reshape(-1, 16)
-    linear = torch._C._nn.linear(tokens, router_gate_weight_, None)
+    linear = torch._C._nn.linear(l_x_, router_gate_weight_, None)
     route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True)
     getitem_13 = route_default[1]
     to_2 = getitem_13.to(torch.int64)
     getitem_14 = route_default[0]
-    experts_default = torch.ops.inductor_moe.experts.default(tokens, to_2, getitem_14, w1_, w2_, b1_, b2_, 'swiglu')
+    experts_default = torch.ops.inductor_moe.experts.default(l_x_, to_2, getitem_14, w1_, w2_, b1_, b2_, 'swiglu')
     getitem_12 = experts_default[0]
     view_as = getitem_12.view_as(l_x_)
     return (view_as,)
@@ -61,15 +60,14 @@ class RewrittenGraphs(TestCase):
     size_1 = l_hidden_states_.size()
     getitem_5 = size_1[2]
     hidden_states = l_hidden_states_.view(-1, getitem_5)
-    hidden_states_1 = hidden_states.reshape(-1, 16)
-    router_logits = torch._C._nn.linear(hidden_states_1, gate_weight_)
-    transpose_2 = experts_gate_up_proj_.transpose(1, 2)
-    transpose_3 = experts_down_proj_.transpose(1, 2)
+    router_logits = torch._C._nn.linear(hidden_states, gate_weight_)
+    transpose_4 = experts_gate_up_proj_.transpose(1, 2)
+    transpose_5 = experts_down_proj_.transpose(1, 2)
     route_default = torch.ops.inductor_moe.route.default(router_logits, 2, renormalize = True)
     getitem_16 = route_default[1]
     to_3 = getitem_16.to(torch.int64)
     getitem_17 = route_default[0]
-    experts_default = torch.ops.inductor_moe.experts.default(hidden_states, to_3, getitem_17, transpose_2, transpose_3, None, None, 'swiglu')
+    experts_default = torch.ops.inductor_moe.experts.default(hidden_states, to_3, getitem_17, transpose_4, transpose_5, None, None, 'swiglu')
     getitem_15 = experts_default[0]
     hidden_states_3 = getitem_15.reshape(s47, s87, getitem_2)
     return (hidden_states_3,)
@@ -88,15 +86,14 @@ class RewrittenGraphs(TestCase):
     size_1 = l_hidden_states_.size()
     getitem_5 = size_1[2]
     hidden_states = l_hidden_states_.view(-1, getitem_5)
-    hidden_states_1 = hidden_states.reshape(-1, 16)
-    router_logits = torch._C._nn.linear(hidden_states_1, gate_weight_)
-    transpose_2 = experts_gate_up_proj_.transpose(1, 2)
-    transpose_3 = experts_down_proj_.transpose(1, 2)
+    router_logits = torch._C._nn.linear(hidden_states, gate_weight_)
+    transpose_4 = experts_gate_up_proj_.transpose(1, 2)
+    transpose_5 = experts_down_proj_.transpose(1, 2)
     route_default = torch.ops.inductor_moe.route.default(router_logits, 2, renormalize = True)
     getitem_16 = route_default[1]
     to_3 = getitem_16.to(torch.int64)
     getitem_17 = route_default[0]
-    experts_default = torch.ops.inductor_moe.experts.default(hidden_states, to_3, getitem_17, transpose_2, transpose_3, None, None, 'swiglu')
+    experts_default = torch.ops.inductor_moe.experts.default(hidden_states, to_3, getitem_17, transpose_4, transpose_5, None, None, 'swiglu')
     getitem_15 = experts_default[0]
     hidden_states_3 = getitem_15.reshape(s47, s87, getitem_2)
     return (hidden_states_3,)
@@ -114,8 +111,7 @@ class RewrittenGraphs(TestCase):
     size_1 = l_hidden_states_.size()
     getitem_5 = size_1[2]
     hidden_states = l_hidden_states_.view(-1, getitem_5)
-    hidden_states_1 = hidden_states.reshape(-1, 16)
-    router_logits = torch._C._nn.linear(hidden_states_1, gate_weight_)
+    router_logits = torch._C._nn.linear(hidden_states, gate_weight_)
     transpose = experts_gate_up_proj_.transpose(1, 2)
     transpose_1 = experts_down_proj_.transpose(1, 2)
     route_default = torch.ops.inductor_moe.route.default(router_logits, 2, renormalize = True)
@@ -142,8 +138,7 @@ class RewrittenGraphs(TestCase):
     experts_2_gate_proj_weight_ = L_self_experts_2_gate_proj_weight_
     experts_2_up_proj_weight_ = L_self_experts_2_up_proj_weight_
     experts_2_down_proj_weight_ = L_self_experts_2_down_proj_weight_
-    tokens = l_x_.reshape(-1, 16)
-    linear = torch._C._nn.linear(tokens, router_gate_weight_, None)
+    linear = torch._C._nn.linear(l_x_, router_gate_weight_, None)
     cat = torch.cat([experts_0_gate_proj_weight_, experts_0_up_proj_weight_, experts_1_gate_proj_weight_, experts_1_up_proj_weight_, experts_2_gate_proj_weight_, experts_2_up_proj_weight_])
     view = cat.view(3, -1, 16)
     transpose = view.transpose(1, 2)
@@ -153,7 +148,7 @@ class RewrittenGraphs(TestCase):
     getitem_8 = route_default[1]
     to_1 = getitem_8.to(torch.int64)
     getitem_9 = route_default[0]
-    experts_default = torch.ops.inductor_moe.experts.default(tokens, to_1, getitem_9, transpose, transpose_1, None, None, 'swiglu')
+    experts_default = torch.ops.inductor_moe.experts.default(l_x_, to_1, getitem_9, transpose, transpose_1, None, None, 'swiglu')
     getitem_7 = experts_default[0]
     view_as = getitem_7.view_as(l_x_)
     return (view_as,)
@@ -174,18 +169,17 @@ class RewrittenGraphs(TestCase):
     experts_2_gate_proj_weight_ = L_self_experts_2_gate_proj_weight_
     experts_2_up_proj_weight_ = L_self_experts_2_up_proj_weight_
     experts_2_down_proj_weight_ = L_self_experts_2_down_proj_weight_
-    tokens = l_x_.reshape(-1, 16)
-    linear = torch._C._nn.linear(tokens, router_gate_weight_, None)
+    linear = torch._C._nn.linear(l_x_, router_gate_weight_, None)
     cat = torch.cat([experts_0_gate_proj_weight_, experts_0_up_proj_weight_, experts_1_gate_proj_weight_, experts_1_up_proj_weight_, experts_2_gate_proj_weight_, experts_2_up_proj_weight_])
     view = cat.view(3, -1, 16)
-    transpose = view.transpose(1, 2)
+    transpose_1 = view.transpose(1, 2)
     stack = torch.stack([experts_0_down_proj_weight_, experts_1_down_proj_weight_, experts_2_down_proj_weight_])
-    transpose_1 = stack.transpose(1, 2)
+    transpose_2 = stack.transpose(1, 2)
     route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True)
     getitem_21 = route_default[1]
     to_3 = getitem_21.to(torch.int64)
     getitem_22 = route_default[0]
-    experts_default = torch.ops.inductor_moe.experts.default(tokens, to_3, getitem_22, transpose, transpose_1, None, None, 'swiglu')
+    experts_default = torch.ops.inductor_moe.experts.default(l_x_, to_3, getitem_22, transpose_1, transpose_2, None, None, 'swiglu')
     getitem_20 = experts_default[0]
     view_as = getitem_20.view_as(l_x_)
     return (view_as,)
@@ -220,6 +214,21 @@ class RewrittenGraphs(TestCase):
     to = getitem_6.to(torch.int64)
     getitem_7 = route_default[0]
     return (getitem_7, to)
+""")
+        self.assertEqual(rewrites(), {"router": 1})
+
+    def test_groups_ranked_by_their_best(self):
+        code = rewritten_code(GroupLimitedRouter(group_score="max"), x_for())
+        self.assertExpectedInline(code, """\
+    gate_weight_ = L_self_gate_weight_
+    l_x_ = L_x_
+    bias_ = L_self_bias_
+    linear = torch._C._nn.linear(l_x_, gate_weight_, None)
+    route_default = torch.ops.inductor_moe.route.default(linear, 2, renormalize = True, scoring = 'sigmoid', bias = bias_, scale = 2.5, eps = 1e-20, n_group = 4, topk_group = 2, group_top = 1, group_fill = -inf)
+    getitem_4 = route_default[1]
+    to = getitem_4.to(torch.int64)
+    getitem_5 = route_default[0]
+    return (getitem_5, to)
 """)
         self.assertEqual(rewrites(), {"router": 1})
 
@@ -357,7 +366,7 @@ class SoftMixture(models.DenseLoop):
 class GroupLimitedRouter(nn.Module):
     """DeepSeek-V3's router written out: sigmoid scores, a score-correction bias for the choice,
     the best 2 of 4 expert groups, renormalised and scaled weights. ``group_score`` "top2" is V3's,
-    "max" is DeepSeek-V2's (not modelled); ``weights_from`` "choice" would weight by the biased scores."""
+    "max" is DeepSeek-V2's; ``weights_from`` "choice" would weight by the biased scores."""
 
     def __init__(self, group_score="top2", weights_from="scores"):
         super().__init__()
@@ -438,7 +447,7 @@ def graph_code_and_logs(model, x):
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         torch.compile(model, backend=capture)(x)
     (gm,) = graphs
-    normalize.functionalize(gm.graph)  # in-place ops made functional: AOTAutograd would do it anyway
+    normalize.normalize(gm.graph)  # canonical spellings, functional updates: the same values
     before = gm.graph.python_code("self").src
     records = []
     handler = logging.Handler()
@@ -501,9 +510,6 @@ class NearMisses(TestCase):
         before, after, messages = graph_code_and_logs(model, x_for())
         self.assertEqual(before, after)
         self.assertEqual(messages, [])
-
-    def test_group_scores_by_max_are_not_modelled(self):
-        self.assert_untouched(GroupLimitedRouter(group_score="max"), x_for(), "group scores is amax, not sum")
 
     def test_weights_from_the_biased_scores(self):
         self.assert_untouched(GroupLimitedRouter(weights_from="choice"), x_for(),

@@ -8,10 +8,13 @@ It returns a Block, None when the anchor is no candidate at all, or raises NoMat
 a near miss must be left alone. Styles:
 
     sorted_grouped_mm   pairs sorted by expert, torch._grouped_mm with offsets (HF grouped_mm,
-                        torchtitan, hand-written), unpermuted by inverse permutation or index_add_
+                        torchtitan, hand-written) or a loop over the rows split by expert counts
+                        (JetMoE), unpermuted by inverse permutation or index_add_
     gathered_bmm        expert weights gathered per pair, bmm (HF batched_mm)
     dense_loop          every expert on every token, weighted by a [T, E] matrix zero off the top-k
     masked_loop         for e: torch.where(mask[e]), expert e on those rows, index_add_ back
+    dense_bmm           every expert on every token at once (bmm over [E, T, H]), weighted by that
+                        matrix after the experts or, with bias-free experts, before them (Llama 4)
 """
 
 import dataclasses
@@ -23,7 +26,9 @@ from torch.fx import Node
 
 from . import combine
 from .experts import ExpertMLP, Projection, Weight, biased, linear_projection, match_mlp, skip_noop_casts, with_bias
-from .fx import NoMatch, call, expect, is_call, is_last_dim, require, same_shape, same_size, scattered_constant, shape
+from .fx import (
+    NoMatch, call, expect, getitem_users, is_call, is_last_dim, require, same_shape, same_size, scattered_constant, shape,
+)
 
 
 @dataclasses.dataclass
@@ -37,6 +42,7 @@ class Block:
     accumulators: tuple  # zero tensors updated in place into the result: later reads see it too
     nodes: set  # the block's nodes, erased once nothing else uses them
     shareable: set  # routing metadata that other code may keep using
+    scaled_input: bool = False  # the weights scale each expert's input, not its output (Llama 4)
 
     def __post_init__(self):
         self.nodes, self.shareable = set(self.nodes), set(self.shareable)
@@ -53,15 +59,6 @@ def _flat(node: Node, what: str) -> Node:
     return source
 
 
-def _is_floordiv(node: object, numerator: Node, k) -> bool:
-    """``numerator // k`` in any spelling."""
-    c = call(node)
-    if c is None or c.name not in ("floordiv", "div") or c["input"] is not numerator:
-        return False
-    floor = c.name == "floordiv" or c.args.get("rounding_mode") == "floor"
-    return floor and same_size(c["other"], k)
-
-
 def _sort_permutation(perm: Node) -> tuple[Node, Node | None, set]:
     """(flat ids, sort node or None, nodes) for ``sort(flat)[1]`` or ``argsort(flat)``, ascending."""
     c = call(perm)
@@ -76,81 +73,177 @@ def _sort_permutation(perm: Node) -> tuple[Node, Node | None, set]:
 
 
 def _gathered(node: Node, what: str) -> tuple[Node, Node, set]:
-    """(source, index, nodes) for ``source[index]``, ``source.index_select(0, index)`` or
-    ``source[None, index].reshape(-1, H)`` with a 1-D integer index."""
-    c = expect(node, "getitem", "index_select", "reshape", what=what)
-    nodes = {node}
-    if c.name == "reshape":
-        inner = expect(c["input"], "getitem", what=what)
-        index = inner["index"]
-        require(
-            isinstance(index, tuple) and len(index) == 2 and index[0] is None
-            and len(shape(node)) == 2 and len(shape(inner["input"])) == 2,
-            f"{what} {node} is not a row gather",
-        )
-        return inner["input"], index[1], nodes | {inner.node}
-    if c.name == "index_select":
-        require(c["dim"] == 0, f"{what} {node} selects along dim {c['dim']}")
+    """(source, index, nodes) for a row gather ``source.index_select(0, index)`` (``source[index]``
+    canonically) with a 1-D integer index."""
+    c = expect(node, "index_select", what=what)
+    require(c["dim"] == 0, f"{what} {node} selects along dim {c['dim']}")
     index = c["index"]
     require(isinstance(index, Node) and len(shape(index)) == 1, f"{what} {node} is not a row gather")
-    return c["input"], index, nodes
+    return c["input"], index, {node}
 
 
-def _expert_offsets(offsets: Node, num_experts: int) -> tuple[Node, set]:
-    """(counted ids, nodes) for ``cumsum(histc(ids, E, 0, E-1))`` or ``cumsum(bincount(ids, minlength=E))``."""
+def _row_tokens(node: Node) -> tuple[Node, object, set]:
+    """(perm, k, nodes) for the token of each row in ``perm``'s order: ``perm // k`` or the pairs'
+    tokens ``arange(T).repeat_interleave(k)`` gathered by ``perm``."""
+    c = expect(node, "floordiv", "index_select", what="the token of each expert row")
+    if c.name == "floordiv":
+        return c["input"], c["other"], {node}
+    pairs = call(c["input"])
+    require(c["dim"] == 0 and pairs is not None and pairs.name == "repeat_interleave" and pairs["dim"] in (0, None)
+            and is_call(pairs["input"], "arange"), f"input rows are gathered with {node}, not the tokens of sorted pairs")
+    arange = call(pairs["input"])
+    require(len(arange["args"]) == 1 or (len(arange["args"]) == 2 and arange["args"][0] == 0),
+            f"{pairs['input']} does not count the tokens from 0")
+    return c["index"], pairs["repeats"], {node, pairs.node, pairs["input"]}
+
+
+def _counts_of(node: Node, num_experts: int) -> tuple[Node, set] | None:
+    """(counted ids, nodes) if ``node`` counts each expert's ids: ``histc(ids, E, 0, E-1)``,
+    ``bincount(ids, minlength=E)``, ``one_hot(ids, E).sum(0)``, ``(ids[:, None] == arange(E)).sum(0)``,
+    ``zeros(E).scatter_add_(0, ids, ones)`` (also ``index_add``), each of 1-D ids."""
+    c = call(node)
+    if c is None:
+        return None
+    if c.name == "histc":
+        require((c["bins"], c["min"], c["max"]) == (num_experts, 0, num_experts - 1),
+                f"{node} does not count ids into {num_experts} unit bins")
+        return c["input"], {node}
+    if c.name == "bincount":
+        require(c["weights"] is None and c["minlength"] == num_experts, f"{node} does not count ids into {num_experts} experts")
+        return c["input"], {node}
+    if c.name in ("scatter_add", "index_add"):
+        ones, index = (c["src"], c["index"]) if c.name == "scatter_add" else (c["source"], c["index"])
+        require(c["dim"] in (0, -1) and is_call(c["input"], "zeros", "new_zeros", "zeros_like")
+                and same_shape(shape(c["input"]), (num_experts,)) and is_call(ones, "ones_like")
+                and call(ones)["input"] is index, f"{node} does not count ids into {num_experts} experts")
+        return index, {node, c["input"], ones}
+    if c.name == "sum" and is_call(c["input"], "one_hot", "eq"):
+        dims = c["dim"] if isinstance(c["dim"], (tuple, list)) else (c["dim"],)
+        if c["keepdim"] or list(dims) != [0]:
+            return None
+        hot = call(c["input"])
+        if hot.name == "one_hot":
+            require(hot["num_classes"] == num_experts, f"{node} counts ids into {hot['num_classes']} classes")
+            ids = hot["input"]
+        else:  # ids[:, None] == arange(E)
+            column, experts = hot["input"], hot["other"]
+            require(is_call(column, "unsqueeze") and call(column)["dim"] == 1 and is_call(experts, "arange")
+                    and same_shape(shape(experts), (num_experts,)) and call(experts)["args"][:1] in ((num_experts,), (0,)),
+                    f"{node} does not compare the ids with every expert")
+            ids = call(column)["input"]
+            return ids, {node, hot.node, column, experts}
+        return ids, {node, hot.node}
+    return None
+
+
+def _expert_offsets(groups, num_experts: int) -> tuple[Node, set]:
+    """(counted ids, nodes) for the rows' grouping by expert: grouped_mm offsets, the cumsum of
+    per-expert counts (``_counts_of``, or torchtitan's routing-map sum) cast to int32; or the
+    split sizes ``[counts[0].item(), ...]`` of a loop over experts."""
     nodes = set()
-    node = offsets
-    if is_call(node, "to"):
-        nodes.add(node)
-        node = call(node)["input"]
-    c = expect(node, "cumsum", what="grouped_mm offsets")
-    require(c["dim"] in (0, -1), f"offsets {offsets} are a cumsum over dim {c['dim']}")
-    nodes.add(node)
-    if (found := _routing_map_counts(c["input"], num_experts)) is not None:
-        return found
-    counts = call(c["input"])
-    require(counts is not None and counts.name in ("histc", "bincount"), f"offsets {offsets} do not count the expert ids")
-    nodes.add(counts.node)
-    if counts.name == "histc":
-        require(
-            (counts["bins"], counts["min"], counts["max"]) == (num_experts, 0, num_experts - 1),
-            f"{counts.node} does not count ids into {num_experts} unit bins",
-        )
+    if isinstance(groups, tuple):
+        counted, nodes = _split_counts(groups, num_experts)
     else:
-        require(
-            counts["weights"] is None and counts["minlength"] == num_experts,
-            f"{counts.node} does not count ids into {num_experts} experts",
-        )
-    ids = counts["input"]
+        node = groups
+        if is_call(node, "to"):
+            nodes.add(node)
+            node = call(node)["input"]
+        c = expect(node, "cumsum", what="grouped_mm offsets")
+        require(c["dim"] in (0, -1), f"offsets {groups} are a cumsum over dim {c['dim']}")
+        nodes.add(node)
+        counted = c["input"]
+    if is_call(counted, "to"):
+        nodes.add(counted)
+        counted = call(counted)["input"]
+    if (found := _routing_map_counts(counted, num_experts)) is not None:
+        return found[0], nodes | found[1]
+    found = _counts_of(counted, num_experts)
+    require(found is not None, f"the rows' groups do not count the expert ids ({counted})")
+    ids, count_nodes = found
+    nodes |= count_nodes
     if is_call(ids, "to"):
         nodes.add(ids)
         ids = call(ids)["input"]
     return ids, nodes
 
 
-def _routing_map_counts(counts: Node, num_experts: int) -> tuple[Node, set] | None:
-    """(ids, nodes) for torchtitan's ``zeros_like(scores, bool).scatter(-1, ids, True).sum(leading dims)``:
-    a count of each expert's ids, since top-k ids are distinct within a token."""
-    c = call(counts)
-    if c is None or c.name != "sum" or not is_call(c["input"], "scatter"):
+def _split_counts(sizes: tuple, num_experts: int) -> tuple[Node, set]:
+    """(counts, nodes) for split sizes ``[counts[e].item() for e in range(E)]`` (``counts.tolist()``,
+    ``int(counts[e])``), with the checks dynamo adds on those unbacked sizes."""
+    require(len(sizes) == num_experts, f"rows are split into {len(sizes)} groups, not one per expert ({num_experts})")
+    sources, nodes = set(), set()
+    for e, size in enumerate(sizes):
+        found = _count_of_expert(size, e)
+        require(found is not None, f"split size {size} is not the count of expert {e}")
+        sources.add(found[0])
+        nodes |= found[1] | _scalar_checks(found[1])
+    require(len(sources) == 1, "the split sizes come from several counts")
+    return sources.pop(), nodes
+
+
+def _count_of_expert(size: object, e: int) -> tuple[Node, set] | None:
+    """(counts, nodes) for ``counts[e].item()``, also as ``int(...)`` of a float count; ``counts[0]``
+    of a single expert is canonically ``counts.squeeze(0)``."""
+    nodes = set()
+    if isinstance(size, Node) and size.op == "call_function" and size.target is torch.sym_int:
+        nodes.add(size)
+        size = size.args[0]
+    if not (isinstance(size, Node) and size.op == "call_method" and size.target == "item"):
         return None
-    scattered = call(c["input"])
+    element = call(size.args[0])
+    if element is not None and element.name == "getitem" and element["index"] == e:
+        return element["input"], nodes | {size, element.node}
+    if element is not None and element.name == "squeeze" and e == 0 and shape(element["input"]) == (1,):
+        return element["input"], nodes | {size, element.node}
+    return None
+
+
+def _scalar_checks(size: set) -> set:
+    """The symbolic arithmetic and runtime asserts dynamo hangs off an unbacked size (``u >= 0``,
+    the sizes' sum): the nodes reached from the nodes that make it through values that are no
+    tensors."""
+    def scalar(node: Node) -> bool:
+        return node.op == "call_function" and (node.target is torch.ops.aten._assert_scalar.default or isinstance(
+            node.meta.get("example_value"), (torch.SymInt, torch.SymBool, torch.SymFloat, int, float, bool)))
+
+    checks, stack = set(), [u for n in size for u in n.users if u not in size and scalar(u)]
+    while stack:
+        node = stack.pop()
+        checks.add(node)
+        stack += [u for u in node.users if u not in checks]
+    require(all(scalar(n) for n in checks), "the split sizes are used beyond their checks")
+    return checks
+
+
+def _routing_map_counts(counts: Node, num_experts: int) -> tuple[Node, set] | None:
+    """(ids, nodes) for torchtitan's ``zeros_like(scores, bool).scatter(-1, ids, True).sum(leading dims)``
+    (or a scatter of ones, cast to integers, JetMoE's): a count of each expert's ids, since top-k ids
+    are distinct within a token."""
+    c = call(counts)
+    if c is None or c.name != "sum":
+        return None
+    mapped, nodes = c["input"], {counts}
+    if is_call(mapped, "to"):
+        nodes.add(mapped)
+        mapped = call(mapped)["input"]
+    if not is_call(mapped, "scatter"):
+        return None
+    scattered = call(mapped)
     ndim = len(shape(scattered.node))
     dims = c["dim"] if isinstance(c["dim"], (tuple, list)) else (c["dim"],)
     require({d % ndim for d in dims} == set(range(ndim - 1)) and not c["keepdim"], f"{counts} does not sum over tokens")
-    require(is_call(scattered["input"], "zeros_like", "zeros", "new_zeros") and scattered_constant(scattered) is True
+    require(is_call(scattered["input"], "zeros_like", "zeros", "new_zeros") and scattered_constant(scattered) in (True, 1)
             and is_last_dim(scattered["dim"], ndim), f"{counts} is no routing map sum")
     ids = scattered["index"]
     require(_topk_experts(ids) == num_experts, f"{counts} counts {ids}, not top-k ids of {num_experts} experts")
-    return ids, {counts, scattered.node, scattered["input"]}
+    return ids, nodes | {scattered.node, scattered["input"]}
 
 
 def _stacked_experts(weight: Weight) -> int:
-    """E of weights held as stacked ``[E, ...]`` tensors (gate and up may be two)."""
-    require(all(isinstance(p, Node) for p in weight.parts), "expert weights are not stacked tensors")
-    num_experts = shape(weight.parts[0])[0]
-    require(all(same_size(shape(p)[0], num_experts) for p in weight.parts), "stacked weights differ in expert count")
-    return num_experts
+    """E of weights held as stacked ``[E, ...]`` tensors or per-expert tuples (gate and up may be two)."""
+    counts = [len(p) if isinstance(p, tuple) else shape(p)[0] for p in weight.parts]
+    require(all(same_size(n, counts[0]) for n in counts), "stacked weights differ in expert count")
+    return counts[0]
 
 
 def _unflattened(node: Node) -> Node:
@@ -160,11 +253,11 @@ def _unflattened(node: Node) -> Node:
     return node
 
 
-def _feeds(node: Node, name: str, depth: int = 12) -> bool:
-    """Whether node's value reaches another ``name`` call within a few ops (a first projection)."""
+def _feeds(node: Node, test, depth: int = 12) -> bool:
+    """Whether node's value reaches a node passing ``test`` within a few ops (a first projection)."""
     frontier = set(node.users)
     for _ in range(depth):
-        if any(is_call(user, name) for user in frontier):
+        if any(test(user) for user in frontier):
             return True
         frontier = {u for n in frontier for u in n.users}
     return False
@@ -190,14 +283,64 @@ def _check_tokens(x: Node, ids: Node, weights: Node) -> None:
 # --- sorted pairs + torch._grouped_mm ------------------------------------------------------------
 
 
-def _grouped_projection(node: Node, offsets: Node) -> Projection:
+def _groups(node: Node):
+    """How ``node`` groups rows by expert, if it is a grouped projection: its grouped_mm offsets, or
+    the split sizes (a tuple) of a loop over experts (``_split_loop``); None otherwise."""
+    c = call(node)
+    if c is not None and c.name == "grouped_mm" and c["offs"] is not None:
+        return c["offs"]
+    if c is not None and c.name == "cat" and (split := _split_of(node)) is not None:
+        return tuple(call(split)["split_size_or_sections"])
+    return None
+
+
+def _split_of(cat: Node) -> Node | None:
+    """The split whose parts the first per-expert projection in ``cat`` reads."""
+    parts = call(cat)["tensors"]
+    if not isinstance(parts, (list, tuple)) or not parts:
+        return None
+    try:
+        part = call(linear_projection(parts[0]).input)
+    except NoMatch:
+        return None
+    if part is None or part.name != "getitem" or not is_call(part["input"], "split"):
+        return None
+    return part["input"]
+
+
+def _split_loop(node: Node, sizes: tuple) -> Projection:
+    """``cat([expert_e(parts[e]) for e])`` over ``parts = v.split(sizes)``, each expert an
+    ``F.linear`` by ``W[e]`` (or an ``nn.Linear`` of its own) or ``@ W[e]``."""
+    c = expect(node, "cat", what="expert projection")
+    split = _split_of(node)
+    require(split is not None and c["dim"] in (0, -2), f"{node} does not join the experts' rows")
+    s = call(split)
+    require(tuple(s["split_size_or_sections"]) == sizes and s["dim"] == 0, f"{split} splits rows by other sizes")
+    parts = getitem_users(split)
+    projections = [linear_projection(p) for p in c["tensors"]]
+    require(len(projections) == len(sizes) and all(p.input is parts.get(e) for e, p in enumerate(projections)),
+            f"{node} does not run expert e on the e-th part of {split}")
+    weights = [p.weight for p in projections]
+    require(all(w.out_in == weights[0].out_in and len(w.parts) == 1 for w in weights), "expert weights differ in layout")
+    biases = [p.bias for p in projections]
+    require(all(b is None for b in biases) or all(b is not None and len(b.parts) == 1 for b in biases),
+            "only some experts have a bias")
+    nodes = {node, split, *parts.values()}.union(*(p.nodes for p in projections))
+    weight = Weight((_restacked(tuple(w.parts[0] for w in weights)),), weights[0].out_in)
+    bias = None if biases[0] is None else Weight((_restacked(tuple(b.parts[0] for b in biases)),))
+    return Projection(s["input"], weight, bias, frozenset(nodes))
+
+
+def _grouped_projection(node: Node, groups) -> Projection:
+    if isinstance(groups, tuple):
+        return _split_loop(node, groups)
     y, bias, bias_index, nodes = biased(node)
     c = expect(y, "grouped_mm", what="expert projection")
-    require(c["offs"] is offsets, f"{y} groups rows by other offsets")
+    require(c["offs"] is groups, f"{y} groups rows by other offsets")
     require(c.args.get("bias") is None and c.args.get("out_dtype") is None, f"{y} has a bias or out_dtype")
     b = c["mat_b"]
     nodes |= {y}
-    if is_call(b, "transpose") and {call(b)["dim0"], call(b)["dim1"]} in ({1, 2}, {-1, -2}, {1, -1}, {-2, 2}):
+    if is_call(b, "transpose") and (call(b)["dim0"], call(b)["dim1"]) == (1, 2):  # [E, out, in] storage
         nodes.add(b)
         weight = Weight((call(b)["input"],), out_in=True)
     else:
@@ -207,23 +350,29 @@ def _grouped_projection(node: Node, offsets: Node) -> Projection:
     return Projection(rows, weight, bias, frozenset(nodes | casts), bias_index)
 
 
+def _weights_of_rows(mlp: ExpertMLP, column: Node | None, sum_weights: Node | None,
+                     perm: Node | None) -> tuple[Node, set]:
+    """(weights [T, k], nodes) wherever the block applies them: to the rows entering or leaving
+    the down projection (in ``perm``'s order, None: pair order), or in the per-token sum."""
+    kind, found = combine.routing_weights(mlp.row_scale, column, sum_weights, mlp.b2 is not None)
+    return (found, set()) if kind == "sum" else _routing_weights_in_order(found, perm)
+
+
 def sorted_grouped_mm(anchor: Node) -> Block | None:
-    c = call(anchor)
-    if c is None or c.name != "grouped_mm" or c["offs"] is None or _feeds(anchor, "grouped_mm"):
+    groups = _groups(anchor)
+    if groups is None or _feeds(anchor, lambda n: _groups(n) is not None):
         return None
-    offsets = c["offs"]
     out = with_bias(anchor)
-    mlp = match_mlp(out, functools.partial(_grouped_projection, offsets=offsets))
+    mlp = match_mlp(out, functools.partial(_grouped_projection, groups=groups))
     x, token_of_row, gather_nodes = _gathered(mlp.input, "expert input rows")
-    tok = call(token_of_row)
-    require(tok is not None and tok.name in ("floordiv", "div"), f"input rows are gathered with {token_of_row}, not row // k")
-    perm = tok["input"]
+    perm, divisor, token_nodes = _row_tokens(token_of_row)
     flat_ids, sort, perm_nodes = _sort_permutation(perm)
     ids = _flat(flat_ids, "expert ids")
     k = shape(ids)[1]
-    require(_is_floordiv(token_of_row, perm, k), f"input rows are gathered with {token_of_row}, not row // {k}")
+    require(same_size(divisor, k), f"input rows are gathered with {token_of_row}: the tokens of {divisor}, not {k}, "
+            "slots per token")
     num_experts = _stacked_experts(mlp.w1)
-    counted, offset_nodes = _expert_offsets(offsets, num_experts)
+    counted, offset_nodes = _expert_offsets(groups, num_experts)
 
     def is_sorted_ids(node: Node) -> bool:
         if sort is not None and is_call(node, "getitem") and node.args == (sort, 0):
@@ -234,16 +383,20 @@ def sorted_grouped_mm(anchor: Node) -> Block | None:
             return False
         return source is flat_ids and index is perm
 
+    def is_token_of_row(index: Node) -> bool:
+        try:
+            return index is token_of_row or _row_tokens(index)[:2] == (perm, divisor)
+        except NoMatch:
+            return False
+
     require(_unflattened(counted) is _unflattened(flat_ids) or is_sorted_ids(counted),
             f"offsets count {counted}, not the expert ids")
     require(all(is_sorted_ids(i) for i in mlp.bias_indices), "biases are gathered with other ids than the rows'")
-    scaled, column, scale_nodes = combine.weighted_rows(out)
-    weights, weight_nodes = _routing_weights_in_order(column, perm)
+    rows, column, scale_nodes = combine.weighted_rows(out)
+    result, accumulators, combine_nodes, sum_weights = combine.unpermute_sum(rows, perm, is_token_of_row, shape(ids)[0], k)
+    weights, weight_nodes = _weights_of_rows(mlp, column, sum_weights, perm)
     _check_tokens(x, ids, weights)
-    result, accumulators, combine_nodes = combine.unpermute_sum(
-        scaled, perm, lambda index: index is token_of_row or _is_floordiv(index, perm, k), shape(ids)[0], k
-    )
-    metadata = perm_nodes | offset_nodes | {flat_ids, token_of_row, counted, *mlp.bias_indices}
+    metadata = perm_nodes | offset_nodes | token_nodes | {flat_ids, counted, *mlp.bias_indices}
     return Block(
         "sorted_grouped_mm_experts", x, ids, weights, mlp, result, accumulators,
         nodes=metadata | mlp.nodes | gather_nodes | {mlp.input} | scale_nodes | weight_nodes | combine_nodes,
@@ -255,28 +408,25 @@ def sorted_grouped_mm(anchor: Node) -> Block | None:
 
 
 def _batched_projection(node: Node, flat_ids: Node) -> Projection:
+    """``W[ids] @ v.unsqueeze(-1)`` with W [E, out, in], or ``v.unsqueeze(1) @ W[ids]`` with W
+    [E, in, out], squeezed back to rows (bmm or matmul), plus an optional gathered bias."""
     y, bias, bias_index, nodes = biased(node)
     require(bias is None or bias_index is flat_ids, f"bias of {node} is gathered with other ids")
     squeeze = expect(y, "squeeze", what="expert projection")
-    bmm = expect(squeeze["input"], "bmm", what="expert projection")
-    nodes |= {y, bmm.node}
-    # W[ids] @ v.unsqueeze(-1) with W [E, out, in], or v.unsqueeze(1) @ W[ids] with W [E, in, out]
-    for gathered, vector, dims, out_in in (
-        (bmm["input"], bmm["mat2"], (-1, 2), True),
-        (bmm["mat2"], bmm["input"], (1, -2), False),
-    ):
+    product = expect(squeeze["input"], "bmm", "matmul", what="expert projection")
+    nodes |= {y, product.node}
+    left, right = product["input"], product["mat2"] if product.name == "bmm" else product["other"]
+    squeezed = squeeze["dim"] % 3 if isinstance(squeeze["dim"], int) else None
+    for gathered, vector, dim, out_in in ((left, right, 2, True), (right, left, 1, False)):
         try:
             stacked, index = _gathered_weight(gathered)
         except NoMatch:
             continue
         require(index is flat_ids, f"{gathered} gathers weights with other ids")
         unsqueeze = expect(vector, "unsqueeze", what="bmm operand")
-        require(
-            squeeze["dim"] in dims and unsqueeze["dim"] in dims,
-            f"{y} does not multiply one row by its expert's weight",
-        )
+        require(squeezed == dim and unsqueeze["dim"] % 3 == dim, f"{y} does not multiply one row by its expert's weight")
         return Projection(unsqueeze["input"], Weight((stacked,), out_in), bias, frozenset(nodes | {gathered, vector}))
-    raise NoMatch(f"{bmm.node} does not multiply by gathered expert weights")
+    raise NoMatch(f"{product.node} does not multiply by gathered expert weights")
 
 
 def _gathered_weight(node: Node) -> tuple[Node, Node]:
@@ -289,9 +439,9 @@ def _gathered_weight(node: Node) -> tuple[Node, Node]:
 
 def gathered_bmm(anchor: Node) -> Block | None:
     c = call(anchor)
-    if c is None or c.name != "bmm" or _feeds(anchor, "bmm"):
+    if c is None or c.name not in ("bmm", "matmul") or len(shape(anchor)) != 3 or _feeds(anchor, lambda n: is_call(n, "bmm", "matmul")):
         return None
-    operands = [n for n in (c["input"], c["mat2"]) if is_call(n, "getitem", "index_select")]
+    operands = [n for n in (c["input"], c["mat2"] if c.name == "bmm" else c["other"]) if is_call(n, "getitem", "index_select")]
     for operand in operands:
         try:
             _, flat_ids = _gathered_weight(operand)
@@ -307,10 +457,10 @@ def gathered_bmm(anchor: Node) -> Block | None:
     rep = expect(mlp.input, "repeat_interleave", what="expert input rows")
     require(same_size(rep["repeats"], k) and rep["dim"] == 0, f"{mlp.input} does not repeat each token k={k} times")
     x = rep["input"]
-    scaled, column, scale_nodes = combine.weighted_rows(out)
-    weights, weight_nodes = _routing_weights_in_order(column, None)
+    rows, column, scale_nodes = combine.weighted_rows(out)
+    result, sum_weights, sum_nodes = combine.sum_token_rows(rows, shape(ids)[0], k)
+    weights, weight_nodes = _weights_of_rows(mlp, column, sum_weights, None)
     _check_tokens(x, ids, weights)
-    result, sum_nodes = combine.sum_token_rows(scaled, shape(ids)[0], k)
     return Block(
         "gathered_bmm_experts", x, ids, weights, mlp, result, (),
         nodes=mlp.nodes | {mlp.input, flat_ids} | weight_nodes | sum_nodes | scale_nodes,
@@ -343,11 +493,14 @@ def _stack_experts(bodies: list[ExpertMLP], rows: Node) -> ExpertMLP:
             require(a is None or all(same_shape(shape(p), shape(q)) for p, q in zip(a.parts, b.parts)),
                     f"expert {e}'s {name} differs in shape from expert 0's")
 
+    require(all(body.row_scale is None for body in bodies), "an expert scales its rows before its down projection")
+
     def stacked(name: str) -> Weight | None:
         weights = [getattr(body, name) for body in bodies]
         if weights[0] is None:
             return None
-        return Weight(tuple(tuple(w.parts[i] for w in weights) for i in range(len(weights[0].parts))), weights[0].out_in)
+        return Weight(tuple(_restacked(tuple(w.parts[i] for w in weights)) for i in range(len(weights[0].parts))),
+                      weights[0].out_in)
 
     return ExpertMLP(
         first.activation, stacked("w1"), stacked("b1"), stacked("w2"), stacked("b2"), rows,
@@ -355,9 +508,29 @@ def _stack_experts(bodies: list[ExpertMLP], rows: Node) -> ExpertMLP:
     )
 
 
+def _restacked(parts: tuple) -> Node | tuple:
+    """``W`` if the per-expert parts are its slices ``W[0], W[1], ...`` (stacked weights indexed in a
+    loop), else the parts, to be stacked."""
+    sources = {call(p)["input"] if is_call(p, "getitem") else None for p in parts}
+    if len(sources) != 1 or None in sources:
+        return parts
+    (stacked,) = sources
+    if all(call(p)["index"] == e for e, p in enumerate(parts)) and same_size(shape(stacked)[0], len(parts)):
+        return stacked
+    return parts
+
+
 def _dense_column(use: Node) -> tuple[int, Node, set]:
-    """(e, column, nodes) for ``dense[:, e, None]``, ``dense[:, e:e+1]`` or ``dense[:, e].unsqueeze(-1)``."""
-    index = expect(use, "getitem", what="use of the dense routing weights")["index"]
+    """(e, column, nodes) for ``dense[:, e, None]``, ``dense[:, e:e+1]`` (with two experts
+    ``dense.chunk(2, -1)[e]``) or ``dense[:, e].unsqueeze(-1)``."""
+    c = expect(use, "getitem", "squeeze", what="use of the dense routing weights")
+    if c.name == "getitem" and is_call(c["input"], "chunk") and isinstance(c["index"], int):
+        return c["index"], use, {use}
+    if c.name == "squeeze":  # dense[:, 0] of a single expert
+        require(c["dim"] == 1 and same_size(shape(c["input"])[1], 1), f"{use} is not a column of the routing weights")
+        index = (slice(None), 0)
+    else:
+        index = c["index"]
     require(isinstance(index, tuple) and index[:1] == (slice(None),), f"{use} is not a column of the routing weights")
     if len(index) == 3 and isinstance(index[1], int) and index[2] is None:
         return index[1], use, {use}
@@ -370,18 +543,42 @@ def _dense_column(use: Node) -> tuple[int, Node, set]:
     return e, unsqueeze.node, {use, unsqueeze.node}
 
 
-def dense_loop(anchor: Node) -> Block | None:
+def _dense_weights(anchor: Node) -> tuple[Node, Node, set] | None:
+    """(ids, weights, nodes) if ``anchor`` is the [T, E] routing weights, zero off each token's
+    top-k: ``zeros(T, E).scatter(1, ids, w)`` or ``(one_hot(ids, E) * w.unsqueeze(-1)).sum(1)``."""
     c = call(anchor)
-    if c is None or c.name != "scatter" or not isinstance(c["src"], Node) or not combine.is_fresh_zeros(c["input"]):
+    if c is not None and c.name == "scatter" and isinstance(c["src"], Node) and combine.is_fresh_zeros(c["input"]):
+        require(c["dim"] in (1, -1) and c["reduce"] is None, f"{anchor} is no plain scatter of weights")
+        return c["index"], c["src"], {anchor, c["input"]}
+    if c is None or c.name != "sum" or not is_call(c["input"], "mul") or c["dim"] not in (1, -2, (1,), (-2,)) or c["keepdim"]:
         return None
-    num_experts = _topk_experts(c["index"])
+    product = call(c["input"])
+    for hot, column in ((product["input"], product["other"]), (product["other"], product["input"])):
+        nodes = {anchor, product.node, hot, column}
+        if is_call(hot, "to"):
+            hot = call(hot)["input"]
+            nodes.add(hot)
+        if is_call(hot, "one_hot") and is_call(column, "unsqueeze") and call(column)["dim"] in (2, -1):
+            require(call(hot)["num_classes"] == shape(anchor)[-1], f"{hot} has other classes than {anchor}'s experts")
+            return call(hot)["input"], call(column)["input"], nodes
+    return None
+
+
+def dense_loop(anchor: Node) -> Block | None:
+    found = _dense_weights(anchor)
+    if found is None or not any(is_call(u, "getitem", "squeeze", "chunk") for u in anchor.users):
+        return None  # no dense routing weights, or not picked per expert (dense_bmm's, say)
+    ids, weights, nodes = found
+    num_experts = _topk_experts(ids)
     if num_experts is None:
-        return None  # scattering something other than a top-k choice: not an MoE router
-    dense, ids, weights = anchor, c["index"], c["src"]
-    require(c["dim"] in (1, -1) and c["reduce"] is None, f"{anchor} is no plain scatter of weights")
+        return None  # weights of something other than a top-k choice: not an MoE router
+    dense = anchor
     require(same_shape(shape(dense)[1:], (num_experts,)), f"dense routing weights {shape(dense)} are not [T, E={num_experts}]")
-    bodies, terms, nodes = {}, set(), {dense, c["input"]}
-    for use in dense.users:
+    bodies, terms = {}, set()
+    # dense[:, e:e + 1] of two experts is canonically dense.chunk(2, -1)[e]
+    uses = [u for c in dense.users for u in (c.users if is_call(c, "chunk") else [c])]
+    nodes |= {c for c in dense.users if is_call(c, "chunk")}
+    for use in uses:
         e, column, column_nodes = _dense_column(use)
         require(e not in bodies, f"dense routing weights of expert {e} are used twice")
         term = combine.single_user(column, f"expert {e}'s routing weights")
@@ -453,8 +650,12 @@ def _expert_mask(node: Node) -> tuple[Node, int, int | None, list, set]:
     if c is not None and c.name == "to":
         ids, e, num_experts, labels, nodes = _expert_mask(c["input"])
         return ids, e, num_experts, labels, nodes | {node}
-    c = expect(node, "getitem", what="expert mask")
+    c = expect(node, "getitem", "squeeze", what="expert mask")
     ids, num_experts, labels, nodes = _one_hot_labels(c["input"])
+    if c.name == "squeeze":  # mask[0] of a single expert's mask
+        require(isinstance(c["dim"], int) and labels[c["dim"]] == "expert" and num_experts == 1,
+                f"mask {node} does not select one expert")
+        return ids, 0, num_experts, [label for label in labels if label != "expert"], nodes | {node}
     index = c["index"] if isinstance(c["index"], tuple) else (c["index"],)
     if Ellipsis in index:
         at = index.index(Ellipsis)
@@ -504,7 +705,7 @@ def _assertion_chain(node: Node) -> set | None:
 def masked_loop(anchor: Node) -> Block | None:
     if not combine.is_fresh_zeros(anchor):
         return None
-    adds = [u for u in anchor.users if is_call(u, "index_add")]
+    adds = [u for u in anchor.users if is_call(u, "index_add") or _added_at(u, anchor) is not None]
     if not adds or not _derives_from_where(call(adds[0])["index"]):
         return None  # an accumulation, but not of rows picked per expert
     bodies, nodes, inputs, counts = {}, {anchor}, set(), set()
@@ -519,23 +720,46 @@ def masked_loop(anchor: Node) -> Block | None:
     require(len(known) <= 1, f"the experts' masks disagree on the number of experts: {known}")
     num_experts = known.pop() if known else _topk_experts(ids)
     require(num_experts is not None, f"expert ids {ids} are not top-k indices: the expert count is unknown")
+    require(_topk_experts(ids) is not None or all(is_call(add, "index_add") for add in adds),
+            f"acc[token] += rows adds a token's rows once only if its ids are distinct, and {ids} are no top-k ids")
     require(sorted(bodies) == list(range(num_experts)), f"the loop runs experts {sorted(bodies)}, not all {num_experts}")
     mlp = _stack_experts([bodies[e] for e in range(num_experts)], x)
     _check_tokens(x, ids, weights)
-    return Block("masked_loop_experts", x, ids, weights, mlp, adds[-1], (anchor,), nodes, set())
+    result = adds[-1] if is_call(adds[-1], "index_add") else anchor  # acc[token] = ... returns nothing
+    return Block("masked_loop_experts", x, ids, weights, mlp, result, (anchor,), nodes, set())
+
+
+def _added_at(node: Node, accumulator: Node) -> tuple[Node, Node, set] | None:
+    """(index, rows, nodes) for ``acc[index] += rows``: ``acc[index] = acc[index] + rows``. It adds
+    every row only where the index holds no token twice, which an expert's where() ensures."""
+    c = call(node)
+    if c is None or c.name != "setitem" or c["input"] is not accumulator or not is_call(c["value"], "add"):
+        return None
+    total = call(c["value"])
+    for read, rows in ((total["input"], total["other"]), (total["other"], total["input"])):
+        r = call(read)
+        if r is not None and r.name == "index_select" and r["input"] is accumulator and r["index"] is c["index"] \
+                and r["dim"] == 0 and total["alpha"] == 1:
+            return c["index"], rows, {node, total.node, read}
+    return None
 
 
 def _masked_expert(add: Node, accumulator: Node):
     """(e, body, x, ids, weights, E or None, nodes) for one
-    ``acc.index_add_(0, token, expert_e(x[token]) * weights[token, slot, None])``."""
+    ``acc.index_add_(0, token, expert_e(x[token]) * weights[token, slot, None])`` (or ``acc[token] += ...``)."""
     c = call(add)
-    require(c.inplace and c["input"] is accumulator and c["dim"] == 0, f"{add} is not acc.index_add_(0, ...)")
-    source, nodes = skip_noop_casts(c["source"])
+    if c.name == "setitem":
+        index, rows, nodes = _added_at(add, accumulator)
+    else:
+        require(c.inplace and c["input"] is accumulator and c["dim"] == 0, f"{add} is not acc.index_add_(0, ...)")
+        index, rows, nodes = c["index"], c["source"], set()
+    source, casts = skip_noop_casts(rows)
+    nodes |= casts
     if is_call(source, "to"):  # eager casts to the accumulator's dtype before adding
         nodes.add(source)
         source = call(source)["input"]
     scaled = expect(source, "mul", what="expert rows added to the output")
-    ids, e, num_experts, token, slot, where_nodes = _token_slot(c["index"])
+    ids, e, num_experts, token, slot, where_nodes = _token_slot(index)
     y, weights, weight_nodes = _scaled_by_routing_weights(scaled, token, slot, e)
     body = match_mlp(y, linear_projection)
     x, index, gather_nodes = _gathered(body.input, f"expert {e}'s input rows")
@@ -596,9 +820,141 @@ def _where_weights(column: Node, token: Node, slot: Node) -> tuple[Node, set]:
     return c["input"], nodes
 
 
+# --- every expert on every token, batched ---------------------------------------------------------
+
+
+def _stacked_projection(node: Node) -> Projection:
+    """``v @ W`` (bmm or matmul) of rows v [E, T, in] (or [T, in], broadcast over the experts) by
+    stacked weights W [E, in, out] (``W.transpose(1, 2)`` of [E, out, in]), plus an optional
+    per-expert bias ``b.unsqueeze(1)``."""
+    y, bias, nodes = node, None, {node}
+    c = call(node)
+    if c is not None and c.name == "add" and c["alpha"] == 1:
+        for product, b in ((c["input"], c["other"]), (c["other"], c["input"])):
+            if is_call(product, "bmm", "matmul") and is_call(b, "unsqueeze") and call(b)["dim"] == 1 \
+                    and len(shape(call(b)["input"])) == 2:
+                y, bias, nodes = product, Weight((call(b)["input"],)), {node, b, product}
+                break
+    p = expect(y, "bmm", "matmul", what="expert projection")
+    weight = p["mat2"] if p.name == "bmm" else p["other"]
+    out_in = is_call(weight, "transpose") and (call(weight)["dim0"], call(weight)["dim1"]) == (1, 2)
+    if out_in:
+        nodes.add(weight)
+        weight = call(weight)["input"]
+    require(len(shape(weight)) == 3 and len(shape(y)) == 3, f"{y} does not multiply by stacked expert weights")
+    return Projection(p["input"], Weight((weight,), out_in), bias, frozenset(nodes))
+
+
+def _expert_major(column: Node) -> tuple[Node, int, set] | None:
+    """(dense, rank, nodes) for ``dense.t()`` as a column of every (expert, token): ``[E, T, 1]``
+    (``dense.t().unsqueeze(-1)``, rank 3) or ``[E * T, 1]`` (``dense.t().reshape(-1, 1)``, rank 2);
+    dense through casts."""
+    c = call(column)
+    if c is None or c.name != "unsqueeze":
+        return None
+    nodes, source = {column}, c["input"]
+    rank = 3 if c["dim"] == 2 else 2 if c["dim"] == 1 else None
+    if rank == 2:
+        flat = call(source)
+        if flat is None or flat.name != "reshape" or len(shape(source)) != 1:
+            return None
+        nodes.add(source)
+        source = flat["input"]
+    t = call(source)
+    if rank is None or t is None or t.name != "transpose" or (t["dim0"], t["dim1"]) != (0, 1) or len(shape(source)) != 2:
+        return None
+    dense, casts = t["input"], {source}
+    while is_call(dense, "to"):
+        casts.add(dense)
+        dense = call(dense)["input"]
+    return dense, rank, nodes | casts
+
+
+def _scaled_by(node: Node, rank: int) -> tuple[Node, Node, set] | None:
+    """(other, dense, nodes) for ``other * column`` with an expert-major column of the given rank."""
+    c = call(node)
+    if c is None or c.name != "mul" or c.inplace:
+        return None
+    for other, column in ((c["input"], c["other"]), (c["other"], c["input"])):
+        found = _expert_major(column)
+        if found is not None and found[1] == rank:
+            return other, found[0], found[2] | {node}
+    return None
+
+
+def _tokens_for_every_expert(rows: Node, num_experts) -> tuple[Node, Node | None, set]:
+    """(x, dense or None, nodes) for the experts' input rows [E, T, H] when every expert reads every
+    token x [T, H]: x itself (broadcast by matmul), ``x.unsqueeze(0).expand(E, T, H)``,
+    ``x.repeat(E, 1).view(E, T, H)``; or those rows scaled by ``dense[t, e]``:
+    ``(x.repeat(E, 1) * dense.t().reshape(-1, 1)).view(E, T, H)`` (Llama 4's), ``x * dense.t().unsqueeze(-1)``."""
+    nodes, dense = set(), None
+    if len(shape(rows)) == 3 and (scaled := _scaled_by(rows, 3)) is not None:
+        rows, dense, nodes = scaled
+    if is_call(rows, "reshape") and len(shape(rows)) == 3 and len(shape(call(rows)["input"])) == 2:
+        flat = call(rows)["input"]
+        nodes.add(rows)
+        if dense is None and (scaled := _scaled_by(flat, 2)) is not None:
+            flat, dense, scale_nodes = scaled
+            nodes |= scale_nodes
+        repeat = expect(flat, "repeat", what="the experts' input rows")
+        require(tuple(repeat["sizes"]) in ((num_experts, 1), ((num_experts, 1),)),
+                f"{flat} does not repeat the tokens once per expert")
+        x = repeat["input"]
+        nodes.add(flat)
+        require(same_shape(shape(rows), (num_experts, *shape(x))), f"{rows} are not the tokens of each expert")
+    elif is_call(rows, "expand"):
+        nodes.add(rows)
+        x = expect(call(rows)["input"], "unsqueeze", what="the experts' input rows")
+        require(x["dim"] == 0, f"{rows} does not give every expert the tokens")
+        nodes.add(x.node)
+        x = x["input"]
+    elif is_call(rows, "unsqueeze") and call(rows)["dim"] == 0:
+        nodes.add(rows)
+        x = call(rows)["input"]
+    else:
+        x = rows
+    require(len(shape(x)) == 2, f"expert rows {rows} are not the tokens of every expert")
+    return x, dense, nodes
+
+
+def dense_bmm(anchor: Node) -> Block | None:
+    c = call(anchor)
+    if c is None or c.name != "sum" or c["keepdim"] or c["dim"] not in (0, (0,)) or len(shape(c["input"])) != 3:
+        return None
+    y, nodes = c["input"], {anchor}
+    out_scaled = _scaled_by(y, 3)
+    if out_scaled is not None:
+        y, dense_out, scale_nodes = out_scaled
+        nodes |= scale_nodes
+    if not is_call(y, "bmm", "matmul", "add"):
+        return None  # a sum over something other than every expert's output
+    mlp = match_mlp(y, _stacked_projection)
+    num_experts = _stacked_experts(mlp.w1)
+    x, dense_in, row_nodes = _tokens_for_every_expert(mlp.input, num_experts)
+    require((out_scaled is None) != (dense_in is None),
+            "the experts' rows are weighted before and after them" if dense_in is not None
+            else "the experts' outputs are summed without routing weights")
+    dense = dense_in if dense_in is not None else dense_out
+    found = _dense_weights(dense)
+    require(found is not None, f"{dense} is not [T, E] routing weights zero off each token's top-k")
+    ids, weights, dense_nodes = found
+    require(_topk_experts(ids) == num_experts, f"routing weights scatter {ids}, not the top-k ids of {num_experts} experts")
+    require(same_shape(shape(dense), (shape(x)[0], num_experts)), f"routing weights {shape(dense)} are not [T, E]")
+    require(dense_in is None or (mlp.b1 is None and mlp.b2 is None),
+            "biased experts weighted before them: an expert off the top-k adds its bias, not zero")
+    require(mlp.row_scale is None, "the experts' rows are also scaled inside them")
+    _check_tokens(x, ids, weights)
+    return Block(
+        "dense_bmm_experts", x, ids, weights, mlp, anchor, (),
+        nodes=nodes | mlp.nodes | row_nodes | dense_nodes, shareable=set(),
+        scaled_input=dense_in is not None,
+    )
+
+
 MATCHERS = {
     "sorted_grouped_mm_experts": sorted_grouped_mm,
     "gathered_bmm_experts": gathered_bmm,
     "dense_loop_experts": dense_loop,
     "masked_loop_experts": masked_loop,
+    "dense_bmm_experts": dense_bmm,
 }

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from torch.fx import Node
 
 from ..ops.activations import ACTIVATIONS, Activation, activation_name
-from .fx import NoMatch, call, describe, dtype, expect, getitem_users, is_call, is_last_dim, number, require, shape
+from .fx import (
+    NoMatch, call, describe, dtype, expect, getitem_users, is_call, is_last_dim, number, require, same_size, shape,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ExpertMLP:
     input: Node  # the rows the body reads
     nodes: frozenset  # the body's nodes, input excluded
     bias_indices: frozenset  # per-row expert ids the style must vouch for
+    row_scale: Node | None = None  # a [rows, 1] column scaling the down projection's input
 
 
 Project = Callable[[Node], Projection]
@@ -67,19 +70,35 @@ def skip_noop_casts(node: Node) -> tuple[Node, set]:
     return node, skipped
 
 
-def _elementwise(node: Node) -> tuple[str, Node] | None:
-    """(function, input) for a supported elementwise activation, including ``x * sigmoid(x)``."""
+def _product(node: Node) -> tuple[list, set]:
+    """(factors, mul nodes) of a product ``a * b * ...`` in any grouping; inner products count
+    as groupings only where nothing else reads them."""
+    c = call(node)
+    if c is None or c.name != "mul" or c.inplace:
+        return [node], set()
+    factors, nodes = [], {node}
+    for operand in (c["input"], c["other"]):
+        if isinstance(operand, Node) and is_call(operand, "mul") and len(operand.users) == 1:
+            inner, inner_nodes = _product(operand)
+            factors, nodes = factors + inner, nodes | inner_nodes
+        else:
+            factors.append(operand)
+    return factors, nodes
+
+
+def _elementwise(node: Node) -> tuple[str, Node, set] | None:
+    """(function, input, nodes) for a supported elementwise activation, including ``x * sigmoid(x)``."""
     c = call(node)
     if c is None:
         return None
     if c.name in ("silu", "relu"):
-        return c.name, c["input"]
+        return c.name, c["input"], {node}
     if c.name == "gelu":
-        return {"none": "gelu", "tanh": "gelu_tanh"}[c["approximate"]], c["input"]
+        return {"none": "gelu", "tanh": "gelu_tanh"}[c["approximate"]], c["input"], {node}
     if c.name == "mul":
         for p, q in ((c["input"], c["other"]), (c["other"], c["input"])):
             if is_call(q, "sigmoid") and call(q)["input"] is p:
-                return "silu", p
+                return "silu", p, {node, q}
     return None
 
 
@@ -173,20 +192,48 @@ def _gated_product(a: Node) -> tuple[str, Node, Node, set, dict] | None:
     c = call(a)
     if c is None or c.name != "mul" or _elementwise(a) is not None:
         return None
+    factors, products = _product(a)
+    sigmoids = [f for f in factors if is_call(f, "sigmoid") and call(f)["input"] in factors]
+    if len(factors) == 3 and len(sigmoids) == 1:  # up * gate * sigmoid(gate), grouped any way
+        gate = call(sigmoids[0])["input"]
+        up = [f for f in factors if f is not gate and f is not sigmoids[0]]
+        if len(up) == 1:
+            return "silu", gate, up[0], products | {sigmoids[0]}, {}
     for gate_side, up_side in ((c["input"], c["other"]), (c["other"], c["input"])):
         if (found := _elementwise(gate_side)) is not None:
-            return found[0], found[1], up_side, {gate_side}, {}
+            return found[0], found[1], up_side, found[2], {}
     raise NoMatch(
         f"expert activation {describe(c['input'])} * {describe(c['other'])} is not supported "
         f"(supported: {_SUPPORTED})"
     )
 
 
+def _row_scaled(node: Node) -> tuple[Node, Node, set] | None:
+    """(rows, column, nodes) for ``rows * column`` with a ``[rows, 1]`` column, also cast after:
+    routing weights applied before the down projection."""
+    inner, nodes = node, set()
+    if is_call(inner, "to"):
+        nodes.add(inner)
+        inner = call(inner)["input"]
+    c = call(inner)
+    if c is None or c.name != "mul":
+        return None
+    for rows, column in ((c["input"], c["other"]), (c["other"], c["input"])):
+        if isinstance(column, Node) and isinstance(rows, Node) and len(shape(column)) == len(shape(rows)) == 2 \
+                and same_size(shape(column)[1], 1) and not same_size(shape(rows)[1], 1):
+            return rows, column, nodes | {inner}
+    return None
+
+
 def match_mlp(out: Node, project: Project) -> ExpertMLP:
     """Match ``out`` as an expert body's output; NoMatch says what did not fit."""
     down = project(out)
-    a, nodes = skip_noop_casts(down.input)
-    nodes.add(a)
+    row_scale, nodes = None, set()
+    a = down.input
+    if (scaled := _row_scaled(a)) is not None:
+        a, row_scale, nodes = scaled
+    a, casts = skip_noop_casts(a)
+    nodes |= casts | {a}
     projections = [down]
     gated = _gated_product(a)
     interleaved, parameters = False, {}
@@ -206,7 +253,8 @@ def match_mlp(out: Node, project: Project) -> ExpertMLP:
     else:
         found = _elementwise(a)
         require(found is not None, f"expert activation {describe(a)} is not supported (supported: {_SUPPORTED})")
-        function, h = found
+        function, h, act_nodes = found
+        nodes |= act_nodes
         projections.append(project(h))
         w1, b1 = projections[-1].weight, projections[-1].bias
     name = activation_name(function, gated is not None)
@@ -217,19 +265,31 @@ def match_mlp(out: Node, project: Project) -> ExpertMLP:
         nodes |= p.nodes
     nodes.discard(rows)
     bias_indices = frozenset(p.bias_index for p in projections if p.bias_index is not None)
-    return ExpertMLP(activation, w1, b1, down.weight, down.bias, rows, frozenset(nodes), bias_indices)
+    return ExpertMLP(activation, w1, b1, down.weight, down.bias, rows, frozenset(nodes), bias_indices, row_scale)
 
 
 def linear_projection(node: Node) -> Projection:
-    """One expert's projection: ``F.linear(v, W, b)`` (an ``nn.Linear``) or ``v @ W``."""
-    c = expect(node, "linear", "matmul", what="expert projection")
+    """One expert's projection: ``F.linear(v, W, b)`` (an ``nn.Linear``), ``v @ W`` or ``v @ W.t()``,
+    plus an optional bias vector (``v @ W + b``)."""
+    y, bias, nodes = node, None, {node}
+    c = call(node)
+    if c is not None and c.name == "add" and c["alpha"] == 1:
+        found = _operands(c, lambda n: is_call(n, "matmul", "linear"))
+        if found is not None and isinstance(found[1], Node) and len(shape(found[1])) == 1:
+            y, bias = found[0], Weight((found[1],))
+            nodes.add(y)
+    c = expect(y, "linear", "matmul", what="expert projection")
     if c.name == "linear":
-        bias = None if c["bias"] is None else Weight((c["bias"],))
+        require(bias is None or c["bias"] is None, f"{node} adds a second bias")
+        bias = bias or (None if c["bias"] is None else Weight((c["bias"],)))
         weight, out_in = c["weight"], True
     else:
-        bias, weight, out_in = None, c["other"], False
+        weight, out_in = c["other"], False
+        if is_call(weight, "transpose") and len(shape(weight)) == 2:  # v @ W.t() with W [out, in]
+            nodes.add(weight)
+            weight, out_in = call(weight)["input"], True
     require(len(shape(weight)) == 2, f"expert weight {weight} is not a matrix")
-    return Projection(c["input"], Weight((weight,), out_in), bias, frozenset({node}))
+    return Projection(c["input"], Weight((weight,), out_in), bias, frozenset(nodes))
 
 
 def expert_index(node: Node, what: str) -> tuple[Node, object]:

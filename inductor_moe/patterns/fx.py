@@ -35,11 +35,17 @@ _TABLE = [
     ("linear", "input, weight, bias=None", F.linear),
     ("matmul", "input, other", torch.matmul, operator.matmul, ".matmul"),
     ("bmm", "input, mat2", torch.bmm, ".bmm"),
-    ("grouped_mm", "mat_a, mat_b, offs=None, bias=None, out_dtype=None", torch._grouped_mm),
+    ("mm", "input, mat2", torch.mm, ".mm"),
+    ("einsum", "equation, *operands", torch.einsum, torch.functional.einsum),
+    ("grouped_mm", "mat_a, mat_b, offs=None, bias=None, out_dtype=None", torch._grouped_mm,
+     *([F.grouped_mm] if hasattr(F, "grouped_mm") else [])),
     ("softmax", "input, dim=None, _stacklevel=3, dtype=None", F.softmax),
     ("softmax", "input, dim, dtype=None", torch.softmax, ".softmax"),
     ("topk", "input, k, dim=-1, largest=True, sorted=True", torch.topk, ".topk"),
+    ("max", "input, dim=None, keepdim=False", torch.max, ".max"),
+    ("amax", "input, dim=(), keepdim=False", torch.amax, ".amax"),
     ("sum", "input, dim=None, keepdim=False, dtype=None", torch.sum, ".sum"),
+    ("norm", "input, p='fro', dim=None, keepdim=False, dtype=None", torch.norm, ".norm"),
     ("div", "input, other, rounding_mode=None", torch.div, ".div", ".div_"),
     ("div", "input, other", operator.truediv, operator.itruediv, torch.true_divide),
     ("floordiv", "input, other", operator.floordiv, torch.floor_divide, ".floor_divide"),
@@ -50,24 +56,34 @@ _TABLE = [
     ("invert", "input", operator.invert, torch.logical_not, ".logical_not"),
     ("gather", "input, dim, index, sparse_grad=False", torch.gather, ".gather"),
     ("expand", "input, *sizes", ".expand"),
+    ("expand_as", "input, other", ".expand_as"),
     ("eq", "input, other", operator.eq, torch.eq, ".eq"),
     ("getitem", "input, index", operator.getitem),
+    ("getattr", "input, name", getattr),
     ("setitem", "input, index, value", operator.setitem),
     ("reshape", "input, *shape", ".reshape", ".view"),
     ("reshape", "input, shape", torch.reshape),
     ("view_as", "input, other", ".view_as", ".reshape_as"),
     ("flatten", "input, start_dim=0, end_dim=-1", torch.flatten, ".flatten"),
+    ("ravel", "input", torch.ravel, ".ravel"),
     ("unflatten", "input, dim, sizes", torch.unflatten, ".unflatten"),
     ("to", "input, *args, **kwargs", ".to", ".type", ".type_as", ".float", ".double", ".half",
      ".bfloat16", ".int", ".long", ".bool"),
     ("contiguous", "input, memory_format=None", ".contiguous"),
-    ("transpose", "input, dim0, dim1", torch.transpose, ".transpose"),
+    ("transpose", "input, dim0, dim1", torch.transpose, ".transpose", torch.swapaxes, ".swapaxes", torch.swapdims,
+     ".swapdims"),
+    ("movedim", "input, source, destination", torch.movedim, ".movedim", torch.moveaxis, ".moveaxis"),
     ("t", "input", torch.t, ".t"),
     ("permute", "input, *dims", ".permute"),
     ("permute", "input, dims", torch.permute),
     ("unsqueeze", "input, dim", torch.unsqueeze, ".unsqueeze"),
     ("squeeze", "input, dim=None", torch.squeeze, ".squeeze"),
     ("chunk", "input, chunks, dim=0", torch.chunk, ".chunk"),
+    ("cat", "tensors, dim=0", torch.cat, torch.concat, torch.concatenate),
+    ("split", "input, split_size_or_sections, dim=0", torch.split, ".split"),
+    ("tensor_split", "input, indices_or_sections, dim=0", torch.tensor_split, ".tensor_split"),
+    ("unbind", "input, dim=0", torch.unbind, ".unbind"),
+    ("repeat", "input, *sizes", ".repeat"),
     ("sort", "input, dim=-1, descending=False, stable=False", torch.sort, ".sort"),
     ("argsort", "input, dim=-1, descending=False, stable=False", torch.argsort, ".argsort"),
     ("histc", "input, bins=100, min=0, max=0", torch.histc, ".histc"),
@@ -77,6 +93,12 @@ _TABLE = [
     ("index_add", "input, dim, index, source, alpha=1", torch.index_add, ".index_add", ".index_add_"),
     ("scatter", "input, dim, index, src=None, value=None, reduce=None", torch.scatter, ".scatter", ".scatter_"),
     ("scatter_add", "input, dim, index, src", torch.scatter_add, ".scatter_add", ".scatter_add_"),
+    ("scatter_reduce", "input, dim, index, src, reduce, include_self=True", torch.scatter_reduce, ".scatter_reduce",
+     ".scatter_reduce_"),
+    ("index_put", "input, indices, values, accumulate=False", torch.index_put, torch.index_put_, ".index_put",
+     ".index_put_"),
+    ("index_copy", "input, dim, index, source", torch.index_copy, ".index_copy", ".index_copy_"),
+    ("nonzero", "input, as_tuple=False", torch.nonzero, ".nonzero"),
     ("one_hot", "input, num_classes=-1", F.one_hot),
     ("where", "condition, input=None, other=None", torch.where),
     ("repeat_interleave", "input, repeats, dim=None, output_size=None", torch.repeat_interleave,
@@ -91,6 +113,10 @@ _TABLE = [
      "memory_format=None", torch.ones_like),
     ("empty_like", "input, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False, "
      "memory_format=None", torch.empty_like),
+    ("full_like", "input, fill_value, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False, "
+     "memory_format=None", torch.full_like),
+    ("new_full", "input, size, fill_value, dtype=None, layout=None, device=None, pin_memory=False, "
+     "requires_grad=False", ".new_full"),
     ("arange", "*args, **kwargs", torch.arange),
     ("silu", "input, inplace=False", F.silu),
     ("gelu", "input, approximate='none'", F.gelu),
@@ -99,7 +125,7 @@ _TABLE = [
     ("sigmoid", "input", torch.sigmoid, ".sigmoid"),
     ("sigmoid", "input", F.sigmoid),
 ]
-_INPLACE = {operator.itruediv, operator.imul, operator.iadd, operator.setitem}
+_INPLACE = {operator.itruediv, operator.imul, operator.iadd, operator.setitem, torch.index_put_}
 
 _FUNCTIONS: dict = {}
 _METHODS: dict = {}
@@ -111,6 +137,10 @@ for _name, _params, *_spellings in _TABLE:
             _FUNCTIONS[_spelling] = (_name, _signature(_params))
 
 
+# keyword spellings torch accepts besides its own (NumPy's)
+_KEYWORD_ALIASES = {"keepdims": "keepdim", "axis": "dim"}
+
+
 class Call:
     """One operation: its canonical ``name``, arguments bound by parameter name, ``inplace``."""
 
@@ -118,7 +148,8 @@ class Call:
         self.node = node
         self.name = name
         self.inplace = inplace
-        bound = signature.bind(*node.args, **node.kwargs)
+        kwargs = {_KEYWORD_ALIASES.get(key, key): v for key, v in node.kwargs.items()}
+        bound = signature.bind(*node.args, **kwargs)
         bound.apply_defaults()
         self.args = bound.arguments
 
@@ -154,6 +185,33 @@ def call(node: object) -> Call | None:
         return Call(node, name, signature, inplace)
     except TypeError:  # a spelling this signature does not cover
         return None
+
+
+# operations whose result is a view of their input
+VIEWS = {"reshape", "view_as", "flatten", "unflatten", "ravel", "transpose", "t", "permute", "movedim", "unsqueeze",
+         "squeeze", "chunk", "split", "tensor_split", "unbind", "expand", "expand_as"}
+
+
+def _basic(index) -> bool:
+    """Indexing with ints, slices, None and ... only: the result is a view."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(item is None or item is Ellipsis or isinstance(item, (int, slice)) for item in items)
+
+
+def view_source(node: object) -> Node | None:
+    """The tensor ``node`` is a view of, or None if it owns its memory (or is no tensor op)."""
+    c = call(node)
+    if c is None:
+        return None
+    if c.name in VIEWS or (c.name == "getattr" and c["name"] in ("T", "mT")):
+        return c["input"]
+    if c.name == "getitem" and isinstance(c["input"], Node) and isinstance(value(c["input"]), torch.Tensor) and _basic(c["index"]):
+        return c["input"]
+    return None
+
+
+def is_view(node: object) -> bool:
+    return view_source(node) is not None
 
 
 def is_call(node: object, *names: str) -> bool:

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 
+import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
@@ -17,7 +18,7 @@ from .. import config
 from ..ops import fp8
 from . import dispatch, normalize, rewrite, router
 from .dispatch import Block
-from .fx import NoMatch
+from .fx import NoMatch, call, describe, is_call, view_source
 from .router import Router
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def rewrite_moe(graph: Graph) -> None:
     """Rewrite every MoE block and router in ``graph`` into canonical ops."""
     if config.fp8 not in (None, *fp8.RECIPES):  # a typo must not silently leave the model unquantized
         raise ValueError(f"inductor_moe.config.fp8 must be None or one of {list(fp8.RECIPES)}, got {config.fp8!r}")
-    normalize.functionalize(graph)
+    normalize.normalize(graph)
+    routers_left_alone = set()
     for name, (matcher, rewrite_block) in PATTERNS.items():
         if name in config.disabled_patterns:
             continue
@@ -108,9 +110,43 @@ def rewrite_moe(graph: Graph) -> None:
                     continue
             except NoMatch as reason:
                 _decide(Decision(name, _where(node), False, str(reason)))
+                if name == "router":
+                    routers_left_alone.add(node)
                 continue
             except Exception as error:  # a matcher bug must cost speed, never the user's compile
                 _decide(Decision(name, _where(node), False, f"internal error ({error!r})"), logging.WARNING, True)
                 continue
             counters["inductor_moe"][name] += 1
             _decide(Decision(name, _where(node), True, _became(found)))
+    if "router" not in config.disabled_patterns:
+        _explain_unrouted(graph, routers_left_alone)
+
+
+def _explain_unrouted(graph: Graph, routers_left_alone: set) -> None:
+    """Say why the router stayed as written where an experts op's ids come from no route op (also
+    through edits such as LongCat-Flash's identity experts) and no router was left alone with a
+    reason of its own: Phi-MoE's sparsemixer, say."""
+    for op in graph.find_nodes(op="call_function", target=torch.ops.inductor_moe.experts.default):
+        source = _producer(op.args[1])
+        ancestors, frontier = set(), {source}
+        for _ in range(8):  # a router is a few ops from the ids it makes
+            frontier = {n for node in frontier for n in node.all_input_nodes} - ancestors
+            ancestors |= frontier
+        routed = any(n.target == torch.ops.inductor_moe.route.default for n in ancestors | {source})
+        if routed or ancestors & routers_left_alone:
+            continue
+        made_by = ", ".join(dict.fromkeys(describe(_producer(n)) for n in source.all_input_nodes)) or "nothing"
+        _decide(Decision("router", _where(source), False,
+                         f"the expert ids are a {describe(source)} of {made_by}, not a top-k of router scores or "
+                         "logits: the routing stays as written"))
+
+
+def _producer(node: Node) -> Node:
+    """The op behind views, casts and the picking of one of its outputs."""
+    while True:
+        if is_call(node, "to", "contiguous") or view_source(node) is not None:
+            node = call(node)["input"]
+        elif is_call(node, "getitem") and isinstance(node.args[0], Node) and isinstance(node.args[1], int):
+            node = node.args[0]
+        else:
+            return node

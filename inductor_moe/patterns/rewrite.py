@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 from .. import config
 from .dispatch import Block
 from .experts import Weight
-from .fx import NoMatch, call, dtype, is_call, require, shape, value
+from .fx import NoMatch, call, dtype, is_call, require, shape, value, view_source
 from .router import Router
 
 
@@ -59,25 +59,6 @@ def _position(graph: Graph) -> dict:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
-_VIEWS = ("reshape", "view_as", "flatten", "transpose", "t", "permute", "unsqueeze", "squeeze", "chunk")
-
-
-def _view_source(node: Node) -> Node | None:
-    """The tensor ``node`` is a view of, or None if it owns its memory."""
-    c = call(node)
-    if c is None:
-        return None
-    if c.name in _VIEWS or (c.name == "getitem" and isinstance(value(c["input"]), torch.Tensor) and _basic(c["index"])):
-        return c["input"]
-    return None
-
-
-def _basic(index) -> bool:
-    """Indexing with ints, slices, None and ... only: the result is a view."""
-    items = index if isinstance(index, tuple) else (index,)
-    return all(item is None or item is Ellipsis or isinstance(item, (int, slice)) for item in items)
-
-
 def _check_closed(nodes: set, outputs: set, shareable: set) -> None:
     for node in nodes - outputs - shareable:
         for user in node.users:
@@ -87,7 +68,7 @@ def _check_closed(nodes: set, outputs: set, shareable: set) -> None:
         c = call(node)
         if c is not None and c.inplace:
             base = node.args[0]
-            while (source := _view_source(base)) is not None and base in nodes:
+            while (source := view_source(base)) is not None and base in nodes:
                 base = source
             require(base in nodes, f"{node} updates {base} in place, which the block did not create")
 
@@ -113,11 +94,28 @@ def _replace(graph: Graph, nodes: set, replacements: dict) -> None:
     doomed = set(nodes)
     for node in reversed(list(graph.nodes)):  # reverse order: users go before what they use
         if node in doomed and not node.users:
-            doomed |= {n for n in node.all_input_nodes if _pure(n)}
+            doomed |= {n for n in node.all_input_nodes if is_pure(n)}
             graph.erase_node(node)
 
 
-def _pure(node: Node) -> bool:
+def drop_dead_code(graph: Graph) -> None:
+    """Erase the values nothing reads and their producers (dynamo keeps a no-op ``.to`` whose
+    result the model never uses), so that they never hold a block open."""
+    for node in reversed(list(graph.nodes)):
+        if not node.users and node.op in ("call_function", "call_method") and is_pure(node):
+            graph.erase_node(node)
+
+
+def erase_unused(graph: Graph, node: Node) -> None:
+    """Erase ``node`` (which nothing reads), then whatever only it used and has no side effect."""
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for source in inputs:
+        if not source._erased and not source.users and source.op != "placeholder" and is_pure(source):
+            erase_unused(graph, source)
+
+
+def is_pure(node: Node) -> bool:
     """Safe to drop once unused: no side effect, no in-place update (FX deems methods pure)."""
     in_place = node.op == "call_method" and node.target.endswith("_") or getattr(call(node), "inplace", False)
     return not node.is_impure() and not in_place
@@ -184,13 +182,22 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
     options.update(_precision())
 
     def build(emit: Emitter) -> dict:
+        x, ids, weights = block.x, block.ids, block.weights
+        if block.scaled_input:  # sum_j expert_j(w_j x): each (token, slot) pair a row of its own, weight 1
+            k = shape(ids)[1]
+            column = emit.method("to", emit.method("unsqueeze", weights, -1), dtype(x))
+            x = emit.method("flatten", emit.function(operator.mul, emit.method("unsqueeze", x, 1), column), 0, 1)
+            ids = emit.method("reshape", ids, -1, 1)
+            weights = emit.function(torch.ones_like, ids, dtype=torch.float32)
         op = emit.function(
             torch.ops.inductor_moe.experts.default,
-            block.x, block.ids, block.weights,
+            x, ids, weights,
             _assemble(emit, mlp.w1), _assemble(emit, mlp.w2), _assemble(emit, mlp.b1), _assemble(emit, mlp.b2),
             act.name, **options,
         )
         out = emit.function(operator.getitem, op, 0)
+        if block.scaled_input and k > 1:
+            out = emit.method("sum", emit.method("unflatten", out, 0, (-1, k)), 1)
         if dtype(out) != dtype(block.result):
             out = emit.method("to", out, dtype(block.result))
         return {old: out for old in outputs}

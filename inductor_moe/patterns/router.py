@@ -2,14 +2,16 @@
 
     softmax(logits.float()) -> topk -> [/ sum] [* scale]                 Mixtral, Qwen, OLMoE
     sigmoid(logits) [+ bias] [group mask] -> topk -> scores.gather(ids)
-        -> [/ (sum + eps)] [* scale]                                      DeepSeek-V3
+        -> [/ (sum + eps)] [* scale]                                      DeepSeek-V3, LongCat-Flash
+    softmax(logits) [group mask] -> topk -> values * scale               DeepSeek-V2
     topk(logits) -> softmax(values)                                       gpt-oss
+    topk(logits) -> sigmoid(values) -> [/ sum]                           Cohere2-MoE, Llama 4
 
-The group mask ranks the groups by ``choice.view(-1, G, E // G).topk(2)[0].sum(-1)`` and masks
-all but the best ``topk_group``: DeepSeek-V3's code scatters ones into zeros, expands them over
-the experts and ``masked_fill``s the choice; torchtitan's scatters False into ones and
-``masked_fill``s the grouped choice before flattening it back. Logits may have leading dims
-(torchtitan routes ``[B, L, E]``). Scores must be computed in float32: the route op computes
+The group mask ranks the groups by ``choice.view(-1, G, E // G).topk(2)[0].sum(-1)`` (or by
+their best, ``.max(-1).values``) and masks all but the best ``topk_group``: DeepSeek's code
+scatters ones into zeros, expands them over the experts and ``masked_fill``s the choice;
+torchtitan's scatters False into ones and ``masked_fill``s the grouped choice before flattening
+it back. Logits may have leading dims (torchtitan routes ``[B, L, E]``). Scores must be computed in float32: the route op computes
 them so, and lower precision can round two scores into a tie that top-k breaks differently.
 """
 
@@ -52,23 +54,38 @@ def _scores(node: Node) -> tuple[str, Node, set] | None:
     return c.name, logits, shareable
 
 
-def _kept_groups(picked: Node) -> tuple[Node, int, set]:
-    """(grouped, topk_group, nodes) if ``picked`` is ``topk(topk(grouped, 2)[0].sum(-1), topk_group)[1]``
-    for choices ``grouped`` [..., n_group, E / n_group]: the groups whose two best sum highest."""
+def _group_score(node: Node) -> tuple[Node, int, set]:
+    """(grouped, group_top, nodes) if ``node`` scores each group of choices ``grouped``
+    [..., n_group, E / n_group] by the sum of its group_top best: ``topk(grouped, n)[0].sum(-1)``,
+    or by its best, ``grouped.max(-1)[0]`` or ``grouped.amax(-1)``."""
+    c = expect(node, "sum", "getitem", "amax", what="group scores")
+    if c.name == "amax":
+        best, grouped, top, nodes = c, c["input"], 1, {node}
+    elif c.name == "getitem":
+        best = expect(c["input"], "max", what="group scores")
+        require(c["index"] == 0 and isinstance(best["dim"], int), f"{node} is not the groups' best scores")
+        grouped, top, nodes = best["input"], 1, {node, best.node}
+    else:
+        values = expect(c["input"], "getitem", what="group scores")
+        best = expect(values["input"], "topk", what="group scores")
+        require(values["index"] == 0 and best["largest"] and isinstance(best["k"], int) and not c["keepdim"]
+                and is_last_dim(c["dim"], len(shape(values.node))), f"{node} is not a sum of each group's best")
+        grouped, top, nodes = best["input"], best["k"], {node, values.node, best.node}
+    ndim = len(shape(grouped))
+    require(ndim >= 3 and is_last_dim(best["dim"], ndim) and not (best.name != "topk" and best["keepdim"]),
+            f"{node} does not score each group over its experts")
+    return grouped, top, nodes
+
+
+def _kept_groups(picked: Node) -> tuple[Node, dict, set]:
+    """(grouped, options, nodes) if ``picked`` is ``topk(group scores, topk_group)[1]`` for choices
+    ``grouped`` [..., n_group, E / n_group] (``_group_score``)."""
     picked_c = expect(picked, "getitem", what="kept groups")
     group_topk = expect(picked_c["input"], "topk", what="kept groups")
     require(picked_c["index"] == 1 and group_topk["largest"], "kept groups are not the top-k groups")
-    group_scores = expect(group_topk["input"], "sum", what="group scores")
-    best_two = expect(group_scores["input"], "getitem", what="group scores")
-    pair = expect(best_two["input"], "topk", what="group scores")
-    grouped = pair["input"]
-    ndim = len(shape(grouped))
-    require(
-        ndim >= 3 and pair["k"] == 2 and best_two["index"] == 0 and is_last_dim(pair["dim"], ndim)
-        and is_last_dim(group_scores["dim"], ndim) and not group_scores["keepdim"],
-        "a group's score is not the sum of its two best",
-    )
-    return grouped, group_topk["k"], {picked, group_topk.node, group_scores.node, best_two.node, pair.node}
+    grouped, group_top, nodes = _group_score(group_topk["input"])
+    options = dict(topk_group=group_topk["k"], group_top=group_top)
+    return grouped, options, nodes | {picked, group_topk.node}
 
 
 def _grouping(grouped: Node, choice: Node, name: str) -> int:
@@ -79,9 +96,9 @@ def _grouping(grouped: Node, choice: Node, name: str) -> int:
     return shape(grouped)[-2]
 
 
-def _group_mask(node: Node, choice: Node) -> tuple[int, int, set]:
-    """(n_group, topk_group, nodes) if ``node`` is ~mask for the mask that keeps the best groups
-    of ``choice`` (DeepSeek-V3's code: a scatter of ones into zeros, expanded over each group)."""
+def _group_mask(node: Node, choice: Node) -> tuple[dict, set]:
+    """(group options, nodes) if ``node`` is ~mask for the mask that keeps the best groups of
+    ``choice`` (DeepSeek's code: a scatter of ones into zeros, expanded over each group)."""
     c = expect(node, "invert", what="group mask")
     cast = expect(c["input"], "to", what="group mask")
     reshaped = expect(cast["input"], "reshape", what="group mask")
@@ -90,10 +107,10 @@ def _group_mask(node: Node, choice: Node) -> tuple[int, int, set]:
     scattered = expect(unsqueezed["input"], "scatter", what="group mask")
     require(is_call(scattered["input"], "zeros_like", "zeros", "new_zeros") and scattered_constant(scattered) == 1,
             "the group mask is not a scatter of ones into zeros")
-    grouped, topk_group, nodes = _kept_groups(scattered["index"])
+    grouped, options, nodes = _kept_groups(scattered["index"])
     require(same_shape(shape(node), shape(choice)), "the group mask does not cover the experts")
     nodes |= {node, cast.node, reshaped.node, expanded.node, unsqueezed.node, scattered.node, scattered["input"], grouped}
-    return _grouping(grouped, choice, "reshape"), topk_group, nodes
+    return dict(n_group=_grouping(grouped, choice, "reshape"), **options), nodes
 
 
 def _masked_groups(node: Node) -> tuple[Node, dict, set] | None:
@@ -110,13 +127,23 @@ def _masked_groups(node: Node) -> tuple[Node, dict, set] | None:
     scattered = expect(unsqueezed["input"], "scatter", what="group mask")
     require(is_call(scattered["input"], "ones_like") and scattered_constant(scattered) is False
             and is_last_dim(unsqueezed["dim"], ndim), "the group mask is not a scatter of False into ones")
-    grouped, topk_group, nodes = _kept_groups(scattered["index"])
+    grouped, options, nodes = _kept_groups(scattered["index"])
     require(filled["input"] is grouped, "the mask applies to other scores than the ranked groups")
     require(isinstance(filled["value"], (int, float)), "the group mask fills with a tensor")
     choice = call(grouped)["input"] if is_call(grouped, "unflatten") else None
     n_group = _grouping(grouped, choice, "unflatten")
     nodes |= {node, filled.node, unsqueezed.node, scattered.node, scattered["input"], grouped}
-    return choice, dict(n_group=n_group, topk_group=topk_group, group_fill=float(filled["value"])), nodes
+    return choice, dict(n_group=n_group, group_fill=float(filled["value"]), **options), nodes
+
+
+def _bias_vector(node: object) -> Node | None:
+    """The ``[E]`` bias behind ``bias`` or ``bias.unsqueeze(0)`` (LongCat-Flash's)."""
+    if isinstance(node, Node) and len(shape(node)) == 1:
+        return node
+    c = call(node)
+    if c is not None and c.name == "unsqueeze" and c["dim"] == 0 and len(shape(c["input"])) == 1:
+        return c["input"]
+    return None
 
 
 def _selection(choice: Node):
@@ -124,9 +151,9 @@ def _selection(choice: Node):
     nodes, groups = set(), None
     c = call(choice)
     if c is not None and c.name == "masked_fill":
-        n_group, topk_group, mask_nodes = _group_mask(c["mask"], c["input"])
+        groups, mask_nodes = _group_mask(c["mask"], c["input"])
         require(isinstance(c["value"], (int, float)), "the group mask fills with a tensor")
-        groups = dict(n_group=n_group, topk_group=topk_group, group_fill=float(c["value"]))
+        groups["group_fill"] = float(c["value"])
         nodes |= mask_nodes | {choice}
         choice = c["input"]
         c = call(choice)
@@ -137,37 +164,61 @@ def _selection(choice: Node):
     bias = None
     if c is not None and c.name == "add" and not c.inplace:
         for scores, other in ((c["input"], c["other"]), (c["other"], c["input"])):
-            if _scores(scores) is not None and isinstance(other, Node) and len(shape(other)) == 1:
-                nodes.add(choice)
-                choice, bias = scores, other
+            if _scores(scores) is not None and (vector := _bias_vector(other)) is not None:
+                nodes |= {choice, other}
+                choice, bias = scores, vector
                 break
     found = _scores(choice)
     if found is None:
         if bias is not None or groups is not None:
             return None
-        return "softmax_of_topk", choice, None, None, None, nodes, set()
+        return None, choice, None, None, None, nodes, set()  # a top-k of the logits themselves
     scoring, logits, shareable = found
     return scoring, logits, choice, bias, groups, nodes, shareable
+
+
+def _plus_constant(node: Node) -> tuple[Node, float]:
+    """(v, c) for ``v + c`` with a constant c >= 0, else (node, 0)."""
+    c = call(node)
+    if c is not None and c.name == "add" and c["alpha"] == 1 and (eps := number(c["other"])) is not None and eps >= 0:
+        return c["input"], eps
+    return node, 0.0
+
+
+def _row_sum(total: Node, weights: Node) -> tuple[float, set] | None:
+    """(eps, nodes) if ``total`` is the weights' sum over the experts as a column, plus eps:
+    ``w.sum(-1, keepdim=True) [+ eps]`` or ``(w.sum(-1) [+ eps]).unsqueeze(-1)``, or the 1-norm
+    ``w.norm(p=1, ...)`` (DBRX's), the same sum of the scores, which are positive."""
+    ndim = len(shape(weights))
+    node, eps = _plus_constant(total)
+    nodes = {total}
+    unsqueezed = call(node)
+    if unsqueezed is not None and unsqueezed.name == "unsqueeze" and is_last_dim(unsqueezed["dim"], ndim):
+        nodes |= {node, unsqueezed["input"]}
+        node, inner_eps = _plus_constant(unsqueezed["input"])
+        if inner_eps and eps:
+            return None
+        eps, keepdim = eps or inner_eps, False
+    else:
+        keepdim = True
+    nodes.add(node)
+    s = call(node)
+    if s is None or not (s.name == "sum" or (s.name == "norm" and number(s["p"]) == 1.0)) or s["input"] is not weights \
+            or s["keepdim"] != keepdim:
+        return None
+    dims = s["dim"] if isinstance(s["dim"], (tuple, list)) else (s["dim"],)
+    return (eps, nodes) if len(dims) == 1 and is_last_dim(dims[0], ndim) else None
 
 
 def _postprocessing(weights: Node) -> tuple[Node, bool, float, float, set]:
     """(final weights, renormalized, eps, scale, nodes) after ``/ (sum [+ eps])`` and ``* scale``."""
     node, renormalized, eps, scale, nodes = weights, False, 0.0, 1.0, set()
-    users = list(node.users)
-    divisions = [u for u in users if is_call(u, "div")]
-    if len(divisions) == 1 and call(divisions[0])["input"] is node:
-        total = call(divisions[0])["other"]
-        added = call(total)
-        nodes_eps, sum_eps = set(), 0.0
-        if added is not None and added.name == "add" and isinstance(added["other"], float) and added["other"] >= 0:
-            # kept exactly: with sigmoid scores the sum can be as small as the eps (LFM2's 1e-6)
-            nodes_eps, sum_eps = {total}, added["other"]
-            total = added["input"]
-        s = call(total)
-        if (s is not None and s.name == "sum" and s["input"] is node and s["keepdim"]
-                and is_last_dim(s["dim"], len(shape(node))) and set(users) == {divisions[0], total}):
-            renormalized, eps, node = True, sum_eps, divisions[0]
-            nodes |= {divisions[0], total} | nodes_eps
+    divisions = [u for u in node.users if is_call(u, "div") and call(u)["input"] is node]
+    if len(divisions) == 1 and (found := _row_sum(call(divisions[0])["other"], node)) is not None:
+        eps, total_nodes = found
+        if set(node.users) <= {divisions[0], *total_nodes}:
+            renormalized, node = True, divisions[0]
+            nodes |= {divisions[0], *total_nodes}
     users = list(node.users)
     if len(users) == 1 and is_call(users[0], "mul"):
         m = call(users[0])
@@ -193,12 +244,15 @@ def match_router(anchor: Node) -> Router | None:
         return None
     scoring, logits, scores, bias, groups, nodes, shareable = selection
     nodes |= {anchor, *outputs.values()}
-    if scoring == "softmax_of_topk":
-        softmax = [u for u in values.users if is_call(u, "softmax")] if values is not None else []
-        if len(softmax) != 1 or len(values.users) != 1 or not is_last_dim(call(softmax[0])["dim"], len(shape(values))):
+    if scoring is None:
+        scored = _scored_values(values) if values is not None else None
+        if scored is None:
             return None  # a top-k of something that is not turned into routing weights
-        weights = softmax[0]
-    elif scores is c["input"] and values is not None:
+        scoring, weights, cast = scored
+        nodes |= cast
+    elif values is not None and (scores is c["input"] or (bias is None and groups and groups["group_fill"] <= 0)):
+        # the chosen values are the scores, also where the group mask filled the others with
+        # at most 0: positive scores of kept groups always win over them (DeepSeek-V2)
         weights = values
     else:
         gathers = [u for u in ids.users if is_call(u, "gather") and call(u)["input"] is scores]
@@ -212,5 +266,23 @@ def match_router(anchor: Node) -> Router | None:
     return Router(logits, c["k"], options, weights, ids, nodes | post_nodes, shareable)
 
 
+def _scored_values(values: Node) -> tuple[str, Node, set] | None:
+    """(scoring, weights, casts) for the one use of top-k logits that scores them:
+    ``softmax(values)`` over the last dim or ``sigmoid(values)``, also of ``values.float()``
+    (route computes them in float32 anyway)."""
+    node, casts = values, set()
+    while len(node.users) == 1 and is_call(user := next(iter(node.users)), "to") and dtype(user).is_floating_point:
+        node = user
+        casts.add(node)
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    if is_call(users[0], "softmax") and is_last_dim(call(users[0])["dim"], len(shape(values))):
+        return "softmax_of_topk", users[0], casts
+    if is_call(users[0], "sigmoid"):
+        return "sigmoid_of_topk", users[0], casts
+    return None
+
+
 # the route op's defaults, left out of the rewritten graph so that it reads like the model
-_DEFAULTS = dict(scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0, group_fill=0.0, eps=0.0)
+_DEFAULTS = dict(scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0, group_fill=0.0, eps=0.0, group_top=2)
