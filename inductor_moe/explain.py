@@ -21,6 +21,7 @@ from .patterns.graph_pass import Decision, recording, rewrite_moe
 class GraphBreak:
     reason: str
     where: str  # the user's frame that broke the graph
+    hint: str = ""  # what would keep an MoE block in one graph, where the break is a known one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Report:
             lines.append(f"{title} ({len(decisions)}):")
             lines += [f"  {d.pattern}: {d.where}\n      {verb} {d.detail}" for d in decisions]
         lines.append(f"graph breaks ({len(self.graph_breaks)}):")
-        lines += [f"  {b.where}\n      {b.reason}" for b in self.graph_breaks]
+        lines += [f"  {b.where}\n      {b.reason}" + (f"\n      hint: {b.hint}" if b.hint else "") for b in self.graph_breaks]
         if self.eager_experts:
             traced = self.eager_experts_traced_as
             lines.append(f"transformers experts on experts_implementation='eager' ({len(self.eager_experts)}):")
@@ -70,6 +71,19 @@ def _summary(reason: str) -> str:
     return ": ".join(lines[:1] + explanation)
 
 
+def _hint(reason: str, where: str) -> str:
+    """What keeps the code of a known MoE graph break in one graph."""
+    code = where.split(": ", 1)[-1]
+    if code.startswith("for ") and "data-dependent" in reason:
+        return ("a loop over the experts that got tokens (nonzero()) runs a data-dependent number of times and "
+                "cannot be captured: loop over range(num_experts) with torch.where(ids == e) (masked_loop_experts)")
+    if ".tolist()" in code or ".item()" in code:
+        return "torch._dynamo.config.capture_scalar_outputs = True keeps the counts in the graph"
+    if "nonzero" in code or "torch.where" in code:
+        return "torch._dynamo.config.capture_dynamic_output_shape_ops = True keeps it in the graph"
+    return ""
+
+
 def _frame(reason) -> str:
     if not reason.user_stack:
         return "(no user frame)"
@@ -84,7 +98,8 @@ def explain(model, *example_inputs, **example_kwargs) -> Report:
         if config.enabled:
             for gm in dynamo.graphs:  # explain's own copies: rewriting them changes nothing else
                 rewrite_moe(gm.graph)
-    breaks = tuple(dict.fromkeys(GraphBreak(_summary(r.reason), _frame(r)) for r in dynamo.break_reasons))
+    breaks = tuple(dict.fromkeys(GraphBreak(_summary(r.reason), _frame(r), _hint(r.reason, _frame(r)))
+                                 for r in dynamo.break_reasons))
     eager = tuple(transformers_experts.eager_experts(model)) if isinstance(model, torch.nn.Module) else ()
     traced_as = config.transformers_eager_experts if config.enabled else None
     return Report(dynamo.graph_count, tuple(decisions), breaks, eager, traced_as, config.enabled)

@@ -174,6 +174,7 @@ class Family:
     causal_lm: str
     moe_arguments: object  # MoEConfig -> dict of the family config's MoE arguments
     model_arguments: dict = dataclasses.field(default_factory=dict)  # for a whole tiny model
+    block_arguments: object = lambda cfg: {}  # MoEConfig -> the block's own arguments besides the config
 
 
 FAMILIES = {
@@ -209,12 +210,59 @@ FAMILIES = {
 }
 
 
+# Families with routers or experts code of their own, each block tested for what the plugin
+# makes of it (tests/test_conformance.py): rewritten, or left alone and why.
+MORE_FAMILIES = {
+    "cohere2_moe": Family(
+        "cohere2_moe", "Cohere2MoeConfig", "Cohere2MoeSparseMoeBlock", "",
+        lambda c: dict(intermediate_size=c.intermediate, num_experts=c.num_experts, expert_selection_fn="sigmoid",
+                       norm_topk_prob=c.renormalize),
+    ),
+    "deepseek_v2": Family(
+        "deepseek_v2", "DeepseekV2Config", "DeepseekV2Moe", "",
+        lambda c: dict(moe_intermediate_size=c.intermediate, n_routed_experts=c.num_experts, n_shared_experts=1,
+                       topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0),
+    ),
+    "longcat_flash": Family(
+        "longcat_flash", "LongcatFlashConfig", "LongcatFlashMoE", "",
+        lambda c: dict(expert_ffn_hidden_size=c.intermediate, n_routed_experts=c.num_experts, zero_expert_num=2,
+                       routed_scaling_factor=6.0),
+    ),
+    "llama4": Family(
+        "llama4", "Llama4TextConfig", "Llama4TextMoe", "",
+        lambda c: dict(intermediate_size=c.intermediate, num_local_experts=c.num_experts),
+    ),
+    "jetmoe": Family(
+        "jetmoe", "JetMoeConfig", "JetMoeMoE", "",
+        lambda c: dict(intermediate_size=c.intermediate, num_local_experts=c.num_experts),
+    ),
+    "phimoe": Family(
+        "phimoe", "PhimoeConfig", "PhimoeSparseMoeBlock", "",
+        lambda c: dict(intermediate_size=c.intermediate, num_local_experts=c.num_experts),
+    ),
+    "dbrx": Family(
+        "dbrx", "DbrxConfig", "DbrxFFN", "",
+        lambda c: dict(d_model=c.hidden, ffn_config=dict(ffn_hidden_size=c.intermediate, moe_num_experts=c.num_experts,
+                                                         moe_top_k=c.top_k)),
+    ),
+    "switch_transformers": Family(
+        "switch_transformers", "SwitchTransformersConfig", "SwitchTransformersSparseMLP", "",
+        lambda c: dict(d_ff=c.intermediate, num_experts=c.num_experts, expert_capacity=4),
+    ),
+    "nllb_moe": Family(
+        "nllb_moe", "NllbMoeConfig", "NllbMoeSparseMLP", "",
+        lambda c: dict(num_experts=c.num_experts, expert_capacity=4),
+        block_arguments=lambda c: dict(ffn_dim=c.intermediate),
+    ),
+}
+
+
 def transformers_model(family: str, experts_implementation: str, cfg: MoEConfig, num_layers: int = 0) -> nn.Module:
     """A transformers family's MoE block, or with ``num_layers`` a tiny ``...ForCausalLM``, with
     the ``grouped_mm``, ``batched_mm`` or ``eager`` experts implementation, random weights."""
     import importlib
 
-    spec = FAMILIES[family]
+    spec = FAMILIES[family] if family in FAMILIES else MORE_FAMILIES[family]
     module = importlib.import_module(f"transformers.models.{spec.module}.modeling_{spec.module}")
     arguments = dict(hidden_size=cfg.hidden, num_experts_per_tok=cfg.top_k, **spec.moe_arguments(cfg))
     if num_layers:
@@ -222,7 +270,7 @@ def transformers_model(family: str, experts_implementation: str, cfg: MoEConfig,
                           head_dim=cfg.hidden // 2, max_position_embeddings=64) | spec.model_arguments
     config = getattr(importlib.import_module("transformers"), spec.config)(**arguments)
     config._experts_implementation = experts_implementation
-    model = getattr(module, spec.causal_lm if num_layers else spec.block)(config)
+    model = getattr(module, spec.causal_lm)(config) if num_layers else getattr(module, spec.block)(config, **spec.block_arguments(cfg))
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.dim() >= 2:  # weights: unit-variance outputs; biases, norms: small noise around their init
             nn.init.normal_(tensor, std=tensor.shape[-1] ** -0.5)

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import torch
 from test_patterns import SMALL, MishSortedGroupedMM
 from torch import nn
@@ -64,3 +65,13 @@ def test_torch_logs_turns_on_the_decision_log():
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                            env={k: v for k, v in env.items() if k != "TORCH_LOGS"})
     assert "rewrote the block" not in quiet.stderr, quiet.stderr
+
+
+def test_explain_hints_at_what_keeps_known_moe_breaks_in_one_graph():
+    pytest.importorskip("transformers", reason="JetMoE is transformers' own code")
+    cfg = models.MoEConfig(hidden=64, intermediate=32, num_experts=8, top_k=2)
+    model = models.transformers_model("jetmoe", "grouped_mm", cfg).eval()
+    with torch._dynamo.config.patch(capture_scalar_outputs=False):
+        report = inductor_moe.explain(model, torch.randn(2, 5, cfg.hidden))
+    assert any(".tolist()" in b.where and "capture_scalar_outputs = True" in b.hint for b in report.graph_breaks), report
+    assert "hint: torch._dynamo.config.capture_scalar_outputs = True" in str(report)
