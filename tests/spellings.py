@@ -183,26 +183,22 @@ def _group_limited(w: Writer, choice: str, fills: tuple) -> str:
     return "masked"
 
 
+_SCORED_TOP_K = {  # scoring -> spellings of the top-k logits' weights
+    "softmax_of_topk": {"F.softmax float": "F.softmax(top_logits, dim=-1, dtype=torch.float32)",
+                        "method": "top_logits.float().softmax(dim=1)", "torch.softmax": "torch.softmax(top_logits, -1)"},
+    "sigmoid_of_topk": {"torch.sigmoid float": "torch.sigmoid(top_logits.float())", "method": "top_logits.float().sigmoid()",
+                        "F.sigmoid": "F.sigmoid(top_logits.to(torch.float32))"},
+}
+
+
 def write_router(w: Writer) -> None:
     """Routing weights ``w`` [T, k] and int64 expert ids ``ids`` from the tokens ``x``."""
     s = w.spec
     logits = _logits(w)
-    if s.scoring == "softmax_of_topk":
+    if s.scoring.endswith("_of_topk"):
         w.line(f"logits = {logits}")
         _topk(w, "logits", "top_logits", "ids")
-        w.line("w = " + w.pick("softmax of top-k", {
-            "F.softmax float": "F.softmax(top_logits, dim=-1, dtype=torch.float32)",
-            "method": "top_logits.float().softmax(dim=1)",
-            "torch.softmax": "torch.softmax(top_logits, -1)",
-        }))
-    elif s.scoring == "sigmoid_of_topk":
-        w.line(f"logits = {logits}")
-        _topk(w, "logits", "top_logits", "ids")
-        w.line("w = " + w.pick("sigmoid of top-k", {
-            "torch.sigmoid float": "torch.sigmoid(top_logits.float())",
-            "method": "top_logits.float().sigmoid()",
-            "F.sigmoid": "F.sigmoid(top_logits.to(torch.float32))",
-        }))
+        w.line("w = " + w.pick(s.scoring, _SCORED_TOP_K[s.scoring]))
     elif s.scoring == "softmax":
         upcast = _float(w, logits)
         w.line("probs = " + w.pick("softmax", {
@@ -364,6 +360,19 @@ def _scale_rows(w: Writer, rows: str, column: str) -> str:
                                  "torch.mul": f"torch.mul({rows}, {column})"})
 
 
+def _weighted_experts(w: Writer, project, flat_weights: str, order: str | None) -> None:
+    """Lines of the experts on the rows ``xs`` up to their outputs ``y``, the routing weights (of
+    the rows in ``order``; None: pair order) scaling the rows entering or leaving the down
+    projection where the spec puts them."""
+    a = expert_body(w, "xs", project)
+    if w.spec.weights_at == "before":
+        w.line(f"a = ({_scale_rows(w, a, _column(w, flat_weights, order))}).to(xs.dtype)")
+        a = "a"
+    w.line(f"y = {project(a, None)}")
+    if w.spec.weights_at == "after":
+        w.line(f"y = {_scale_rows(w, 'y', _column(w, flat_weights, order))}")
+
+
 def _weights_flat(w: Writer) -> str:
     return w.pick("flat weights", {"flatten": "w.flatten()", "view(-1)": "w.view(-1)", "reshape(-1)": "w.reshape(-1)"})
 
@@ -436,16 +445,10 @@ def write_sorted_grouped_mm(w: Writer, near_miss: str | None, split: bool = Fals
             product = f"{grouped_mm}({value}, {weight}, offs=offs)"
             return product if bias is None else f"({product} + {bias}[{sorted_ids}])"
 
-    a = expert_body(w, "xs", project)
     flat_w = _weights_flat(w)
     if near_miss == "weights of other pairs":
         flat_w = f"{flat_w}.flip(0)"
-    if s.weights_at == "before":
-        w.line(f"a = ({_scale_rows(w, a, _column(w, flat_w, 'order'))}).to(xs.dtype)")
-        a = "a"
-    w.line(f"y = {project(a, None)}")
-    if s.weights_at == "after":
-        w.line(f"y = {_scale_rows(w, 'y', _column(w, flat_w, 'order'))}")
+    _weighted_experts(w, project, flat_w, "order")
     w.line("y = y.to(x.dtype)")
     if near_miss == "assign instead of accumulate":
         w.line("out = torch.zeros_like(x)")
@@ -548,14 +551,7 @@ def write_gathered_bmm(w: Writer, near_miss: str | None) -> None:
                                             "matmul": f"torch.matmul({value}[:, None, :], {gathered}).squeeze(1)"})
         return product if bias is None else f"({product} + {bias}[flat])"
 
-    a = expert_body(w, "xs", project)
-    flat_w = _weights_flat(w)
-    if s.weights_at == "before":
-        w.line(f"a = ({_scale_rows(w, a, _column(w, flat_w, None))}).to(xs.dtype)")
-        a = "a"
-    w.line(f"y = {project(a, None)}")
-    if s.weights_at == "after":
-        w.line(f"y = {_scale_rows(w, 'y', _column(w, flat_w, None))}")
+    _weighted_experts(w, project, _weights_flat(w), None)
     w.line(f"per_token = y.to(x.dtype).view(-1, {k}, x.shape[-1])")
     if s.weights_at == "sum":
         w.line("out = (per_token * w[..., None].to(per_token.dtype)).sum(1)")
