@@ -48,7 +48,6 @@ def reference_route(logits, k, renormalize, scoring="softmax", bias=None, n_grou
     for row in logits.double():
         scores = row.sigmoid() if scoring.startswith("sigmoid") else row.softmax(-1)
         choice = (row if scoring.endswith("_of_topk") else scores) + (0 if bias is None else bias.double())
-        renormalize = renormalize or scoring == "softmax_of_topk"
         if n_group > 1:
             size = row.numel() // n_group
             groups = [sorted(choice[g * size:(g + 1) * size].tolist())[-group_top:] for g in range(n_group)]
@@ -57,6 +56,8 @@ def reference_route(logits, k, renormalize, scoring="softmax", bias=None, n_grou
                                   dtype=torch.float64)
         chosen = sorted(range(row.numel()), key=lambda i: -choice[i].item())[:k]
         w = scores[chosen]
+        if scoring == "softmax_of_topk":  # the softmax of the chosen logits
+            w = w / w.sum()
         if renormalize:
             w = w / (w.sum() + eps)
         weights.append(w * scale)

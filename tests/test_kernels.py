@@ -45,7 +45,7 @@ ROUTERS = {
     "sigmoid, bias, groups, scale": dict(renormalize=True, sigmoid=True, n_group=8, topk_group=3, scale=2.5, bias=True),
     "sigmoid, groups of 2": dict(renormalize=False, sigmoid=True, n_group=4, topk_group=1),
     "sigmoid, groups filled with 0": dict(renormalize=True, sigmoid=True, n_group=4, topk_group=2, group_fill=0.0, bias=True),
-    "top-k of the logits": dict(renormalize=True, choose_on_logits=True, scale=0.5),
+    "top-k of the logits": dict(renormalize=False, choose_on_logits=True, scale=0.5),
     "top-k of the logits, sigmoid": dict(renormalize=True, sigmoid=True, choose_on_logits=True, scale=2.0),
     "softmax, groups ranked by their best": dict(renormalize=False, n_group=4, topk_group=2, group_top=1, group_fill=0.0),
     "sigmoid, renormalised with an eps": dict(renormalize=True, sigmoid=True, eps=1e-6),  # LFM2-MoE's
@@ -70,7 +70,8 @@ def test_route_kernel(router, tokens, experts, k):
         bias -= 0.5
     weights, ids = routing.route(logits, k, bias=bias, **options)
     sigmoid = options.pop("sigmoid", False)
-    scoring = ("sigmoid" if sigmoid else "softmax") + ("_of_topk" if options.pop("choose_on_logits", False) else "")
+    choose_on_logits = options.pop("choose_on_logits", False)
+    scoring = ("sigmoid" if sigmoid else "softmax") + ("_of_topk" if choose_on_logits else "")
     expected_weights, expected_ids = reference_route(logits.cpu(), k, scoring=scoring,
                                                      bias=None if bias is None else bias.cpu(), **options)
     assert torch.equal(ids.cpu().long(), expected_ids), "ids (best first, ties to the lowest index)"
@@ -81,11 +82,17 @@ def test_route_kernel(router, tokens, experts, k):
     scores = x.sigmoid() if sigmoid else x.softmax(-1)
     picked = scores.gather(-1, ids.cpu().long())
     eps = options.get("eps", 0.0)
+    if choose_on_logits and not sigmoid:  # the softmax of the chosen logits
+        picked = picked / picked.sum(-1, keepdim=True)
     if options["renormalize"]:
         picked = picked / (picked.sum(-1, keepdim=True) + eps)
     (expected,) = torch.autograd.grad(picked * options.get("scale", 1.0), x, grad.cpu().double())
-    actual = routing.route_backward(grad, logits, ids, options["renormalize"], sigmoid, options.get("scale", 1.0), eps)
+    actual = routing.route_backward(grad, logits, ids, options["renormalize"], sigmoid, options.get("scale", 1.0), eps,
+                                    choose_on_logits)
     assert_close(actual.cpu(), expected, EXACT, "grad of logits")
+    if choose_on_logits:  # only the chosen logits were scored
+        unchosen = torch.ones_like(actual, dtype=torch.bool).scatter(-1, ids.long(), False)
+        assert (actual[unchosen] == 0).all(), "unchosen logits get a gradient"
 
 
 # --- align --------------------------------------------------------------------------------------

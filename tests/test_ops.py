@@ -174,6 +174,9 @@ def test_route_gradient_matches_autograd(router):
         picked = picked / (picked.sum(-1, keepdim=True) + options.get("eps", 0.0))
     (expected,) = torch.autograd.grad(picked * options.get("scale", 1.0), x, grad.float())
     assert_close(actual.float(), expected, torch.float32, "grad of logits")
+    if scoring.endswith("_of_topk"):  # only the chosen logits were scored: the others get exactly 0, as in eager
+        unchosen = torch.ones_like(actual, dtype=torch.bool).scatter(-1, ids.long(), False)
+        assert (actual[unchosen] == 0).all(), "unchosen logits get a gradient"
 
 
 BAD_EXPERTS_CALLS = [

@@ -7,7 +7,9 @@
     ids = top-k of choice (ties: lowest index); weights = scores[ids]
     weights = scale * weights / (sum(weights) + eps)  (renormalize)  or  scale * weights
 
-With ``choose_on_logits`` the choice is the logits themselves (top-k, then softmax or sigmoid).
+With ``choose_on_logits`` the choice is the logits themselves (top-k, then softmax or sigmoid):
+the softmax of the k chosen logits is the full softmax's renormalised, and only those k get a
+gradient.
 
 One program routes BLOCK_T tokens over all E experts (E up to a few hundred).
 """
@@ -85,6 +87,8 @@ def _route_kernel(
         picked = tl.where(slots[None, :] == j, weight[:, None], picked)
         ids = tl.where(slots[None, :] == j, best[:, None], ids)
         choice = tl.where(hit, -float("inf"), choice)
+    if CHOOSE_ON_LOGITS and not SIGMOID:  # the softmax of the k chosen logits
+        picked = picked / tl.sum(picked, axis=1)[:, None]
     if RENORMALIZE:
         picked = picked / tl.maximum(tl.sum(picked, axis=1) + eps, 1e-30)[:, None]
     out = rows[:, None] * K + slots[None, :]
@@ -97,7 +101,7 @@ def _route_kernel(
 def _route_backward_kernel(
     grad_ptr, logits_ptr, ids_ptr, grad_logits_ptr,
     T, E, stride_t, scale, eps,
-    K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+    K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, CHOOSE_ON_LOGITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -113,18 +117,27 @@ def _route_backward_kernel(
         id_j = tl.sum(tl.where(slots[None, :] == j, ids, 0), axis=1)
         p_j = tl.sum(tl.where(cols[None, :] == id_j[:, None], scores, 0.0), axis=1)
         picked = tl.where(slots[None, :] == j, p_j[:, None], picked)
+    if CHOOSE_ON_LOGITS and not SIGMOID:  # the softmax of the k chosen logits
+        picked = picked / tl.maximum(tl.sum(picked, axis=1), 1e-30)[:, None]
     if RENORMALIZE:
         # weights = scale * p / s with s = sum(p) + eps: d/dp_j = scale / s * (g_j - <g, p> / s)
         total = tl.maximum(tl.sum(picked, axis=1) + eps, 1e-30)
         grad = scale / total[:, None] * (grad - (tl.sum(grad * picked, axis=1) / total)[:, None])
     else:
         grad = grad * scale
+    if CHOOSE_ON_LOGITS:  # through the k chosen logits' own scores: the others get exactly 0
+        if SIGMOID:
+            grad = grad * picked * (1 - picked)
+        else:
+            grad = picked * (grad - tl.sum(grad * picked, axis=1)[:, None])
     grad_scores = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
     for j in tl.static_range(K):
         id_j = tl.sum(tl.where(slots[None, :] == j, ids, 0), axis=1)
         g_j = tl.sum(tl.where(slots[None, :] == j, grad, 0.0), axis=1)
         grad_scores += tl.where(cols[None, :] == id_j[:, None], g_j[:, None], 0.0)
-    if SIGMOID:
+    if CHOOSE_ON_LOGITS:
+        grad_logits = grad_scores
+    elif SIGMOID:
         grad_logits = grad_scores * scores * (1 - scores)
     else:
         grad_logits = scores * (grad_scores - tl.sum(grad_scores * scores, axis=1)[:, None])
@@ -154,7 +167,7 @@ def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_grou
     return weights, ids
 
 
-def route_backward(grad_weights, logits, ids, renormalize, sigmoid=False, scale=1.0, eps=0.0):
+def route_backward(grad_weights, logits, ids, renormalize, sigmoid=False, scale=1.0, eps=0.0, choose_on_logits=False):
     """Gradient of ``route``'s weights with respect to the logits (ids are not differentiable)."""
     logits = logits.contiguous()
     num_tokens, num_experts = logits.shape
@@ -164,6 +177,6 @@ def route_backward(grad_weights, logits, ids, renormalize, sigmoid=False, scale=
     _route_backward_kernel[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
         grad_weights.contiguous(), logits, ids.contiguous(), grad_logits,
         num_tokens, num_experts, logits.stride(0), scale, eps,
-        K=k, SIGMOID=sigmoid, RENORMALIZE=renormalize, **blocks,
+        K=k, SIGMOID=sigmoid, RENORMALIZE=renormalize, CHOOSE_ON_LOGITS=choose_on_logits, **blocks,
     )
     return grad_logits.to(logits.dtype)

@@ -171,16 +171,26 @@ def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group
 def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float, eps: float):
     """Gradient of the logits from the routing weights' gradient."""
     x = logits.float()
-    sigmoid = scoring.startswith("sigmoid")
-    scores = torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
-    renormalize = renormalize or scoring == "softmax_of_topk"  # the softmax of k is renormalised
     ids = ids.long()
+    sigmoid = scoring.startswith("sigmoid")
+    of_topk = scoring.endswith("_of_topk")
+    if of_topk:  # only the k chosen logits were scored: the others get no gradient at all
+        chosen = x.gather(-1, ids)
+        picked = torch.sigmoid(chosen) if sigmoid else torch.softmax(chosen, dim=-1)
+    else:
+        scores = torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
+        picked = scores.gather(-1, ids)
     grad = grad_weights.float() * scale
     if renormalize:
         # weights = p / s with s = sum(p) + eps: dL/dp_j = (g_j - <g, p> / s) / s
-        picked = scores.gather(-1, ids)
         total = picked.sum(dim=-1, keepdim=True) + eps
         grad = (grad - (grad * picked).sum(dim=-1, keepdim=True) / total) / total
+    if of_topk:
+        if sigmoid:
+            grad_chosen = grad * picked * (1 - picked)
+        else:
+            grad_chosen = picked * (grad - (grad * picked).sum(dim=-1, keepdim=True))
+        return torch.zeros_like(x).scatter(-1, ids, grad_chosen).to(logits.dtype)
     grad_scores = torch.zeros_like(scores).scatter(-1, ids, grad)
     if sigmoid:
         grad_logits = grad_scores * scores * (1 - scores)

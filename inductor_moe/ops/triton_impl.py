@@ -78,13 +78,13 @@ def vendor_weight_grads(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> 
 
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
                   scale: float, group_fill: float, eps: float, group_top: int):
-    return routing.route(logits, k, renormalize or scoring == "softmax_of_topk", scoring.startswith("sigmoid"), bias,
-                         n_group, topk_group, scale, group_fill, eps, group_top, scoring.endswith("_of_topk"))
+    return routing.route(logits, k, renormalize, scoring.startswith("sigmoid"), bias, n_group, topk_group, scale,
+                         group_fill, eps, group_top, scoring.endswith("_of_topk"))
 
 
 def route_backward(grad_weights, logits, ids, renormalize: bool, scoring: str, scale: float, eps: float):
-    return routing.route_backward(grad_weights, logits, ids, renormalize or scoring == "softmax_of_topk",
-                                  scoring.startswith("sigmoid"), scale, eps)
+    return routing.route_backward(grad_weights, logits, ids, renormalize, scoring.startswith("sigmoid"), scale, eps,
+                                  scoring.endswith("_of_topk"))
 
 
 def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe=None, store_h=True):
