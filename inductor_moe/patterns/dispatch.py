@@ -136,11 +136,14 @@ def _counts_of(node: Node, num_experts: int) -> tuple[Node, set] | None:
     return None
 
 
-def _expert_offsets(groups, num_experts: int) -> tuple[Node, set]:
+def _expert_offsets(groups, num_experts: int) -> tuple[Node | None, set]:
     """(counted ids, nodes) for the rows' grouping by expert: grouped_mm offsets, the cumsum of
     per-expert counts (``_counts_of``, or torchtitan's routing-map sum) cast to int32; or the
-    split sizes ``[counts[0].item(), ...]`` of a loop over experts."""
+    split sizes ``[counts[0].item(), ...]`` of a loop over experts. A single expert's one split
+    size is all rows, whatever dynamo made of it (split checks the sizes' sum): counted None."""
     nodes = set()
+    if isinstance(groups, tuple) and len(groups) == num_experts == 1 and _count_of_expert(groups[0], 0) is None:
+        return None, set()
     if isinstance(groups, tuple):
         counted, nodes = _split_counts(groups, num_experts)
     else:
@@ -389,14 +392,14 @@ def sorted_grouped_mm(anchor: Node) -> Block | None:
         except NoMatch:
             return False
 
-    require(_unflattened(counted) is _unflattened(flat_ids) or is_sorted_ids(counted),
+    require(counted is None or _unflattened(counted) is _unflattened(flat_ids) or is_sorted_ids(counted),
             f"offsets count {counted}, not the expert ids")
     require(all(is_sorted_ids(i) for i in mlp.bias_indices), "biases are gathered with other ids than the rows'")
     rows, column, scale_nodes = combine.weighted_rows(out)
     result, accumulators, combine_nodes, sum_weights = combine.unpermute_sum(rows, perm, is_token_of_row, shape(ids)[0], k)
     weights, weight_nodes = _weights_of_rows(mlp, column, sum_weights, perm)
     _check_tokens(x, ids, weights)
-    metadata = perm_nodes | offset_nodes | token_nodes | {flat_ids, counted, *mlp.bias_indices}
+    metadata = perm_nodes | offset_nodes | token_nodes | {flat_ids, *mlp.bias_indices} | ({counted} - {None})
     return Block(
         "sorted_grouped_mm_experts", x, ids, weights, mlp, result, accumulators,
         nodes=metadata | mlp.nodes | gather_nodes | {mlp.input} | scale_nodes | weight_nodes | combine_nodes,
@@ -847,21 +850,17 @@ def _stacked_projection(node: Node) -> Projection:
 
 def _expert_major(column: Node) -> tuple[Node, int, set] | None:
     """(dense, rank, nodes) for ``dense.t()`` as a column of every (expert, token): ``[E, T, 1]``
-    (``dense.t().unsqueeze(-1)``, rank 3) or ``[E * T, 1]`` (``dense.t().reshape(-1, 1)``, rank 2);
-    dense through casts."""
-    c = call(column)
-    if c is None or c.name != "unsqueeze":
-        return None
-    nodes, source = {column}, c["input"]
-    rank = 3 if c["dim"] == 2 else 2 if c["dim"] == 1 else None
-    if rank == 2:
-        flat = call(source)
-        if flat is None or flat.name != "reshape" or len(shape(source)) != 1:
-            return None
+    (``dense.t().unsqueeze(-1)``, rank 3) or ``[E * T, 1]`` (``dense.t().reshape(-1, 1)``, rank 2),
+    any reshapes of it (they keep its order); dense through casts."""
+    rank, nodes, source = len(shape(column)), set(), column
+    while is_call(source, "reshape", "unsqueeze", "squeeze"):
         nodes.add(source)
-        source = flat["input"]
+        source = call(source)["input"]
     t = call(source)
-    if rank is None or t is None or t.name != "transpose" or (t["dim0"], t["dim1"]) != (0, 1) or len(shape(source)) != 2:
+    if t is None or t.name != "transpose" or (t["dim0"], t["dim1"]) != (0, 1) or len(shape(source)) != 2:
+        return None
+    experts, tokens = shape(source)
+    if rank not in (2, 3) or not same_shape(shape(column), (experts, tokens, 1) if rank == 3 else (experts * tokens, 1)):
         return None
     dense, casts = t["input"], {source}
     while is_call(dense, "to"):

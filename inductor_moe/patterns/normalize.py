@@ -464,6 +464,21 @@ def _written(node: Node) -> bool:
     return any(updates(user) or (view_source(user) is node and _written(user)) for user in node.users)
 
 
+def _merge_twin_views(graph: Graph) -> None:
+    """One node for views of one tensor taken alike (an einsum per projection makes its own
+    ``x.unsqueeze(0)``): they alias the same memory, so one stands for all of them."""
+    seen: dict = {}
+    for node in list(graph.nodes):
+        if not is_view(node):
+            continue
+        key = (node.op, node.target, str(node.args), str(node.kwargs))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+
+
 def canonicalize(graph: Graph) -> None:
     """Rewrite every spelling above into its canonical form (until none is left)."""
     changed = True
@@ -483,6 +498,7 @@ def canonicalize(graph: Graph) -> None:
                     erase_unused(graph, node)
                     changed = True
                     break
+    _merge_twin_views(graph)
 
 
 # --- in-place updates of fresh tensors -------------------------------------------------------------
