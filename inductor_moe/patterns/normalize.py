@@ -466,10 +466,12 @@ def _written(node: Node) -> bool:
 
 def _merge_twin_views(graph: Graph) -> None:
     """One node for views of one tensor taken alike (an einsum per projection makes its own
-    ``x.unsqueeze(0)``): they alias the same memory, so one stands for all of them."""
+    ``x.unsqueeze(0)``, two projections their own ``split``), and for one part of a split taken
+    twice: they alias the same memory, so one stands for all of them."""
     seen: dict = {}
     for node in list(graph.nodes):
-        if not is_view(node):
+        part = is_call(node, "getitem") and is_call(node.args[0], "split", "chunk", "tensor_split", "unbind")
+        if not (is_view(node) or part):
             continue
         key = (node.op, node.target, str(node.args), str(node.kwargs))
         if key in seen:
