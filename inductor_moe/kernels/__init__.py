@@ -15,6 +15,9 @@ in the environment before this package is imported).
 import functools
 import os
 
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
 
 @functools.cache
 def interpreting() -> bool:
@@ -30,3 +33,10 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def launchable(kernel, tensor: torch.Tensor):
+    """``kernel``, or while ``tensor`` is traced (a fake tensor: Inductor lowering a canonical op)
+    its ``torch.library.wrap_triton`` form: the launch is recorded in the graph, and Inductor
+    emits the kernel's source into its output code."""
+    return torch.library.wrap_triton(kernel) if is_fake(tensor) else kernel

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, interpreting, next_power_of_2
+from . import cdiv, interpreting, launchable, next_power_of_2
 
 
 @triton.jit
@@ -76,18 +76,19 @@ def align(ids: torch.Tensor, num_experts: int):
     flat = ids.reshape(-1).contiguous()
     pairs = flat.numel()
     block = 16 if interpreting() else 128
-    num_blocks = max(1, cdiv(pairs, block))
+    num_blocks = torch.sym_max(1, cdiv(pairs, block))  # the token count may be symbolic (traced)
     block_e = next_power_of_2(num_experts)
     device = ids.device
-    counts = torch.empty(num_blocks, num_experts, device=device, dtype=torch.int32)
-    base = torch.empty_like(counts)
+    # [num_blocks * E], flat: a 2-D buffer's layout check asks whether num_blocks is 1, which traced
+    # for Inductor is a guard on the token count (a recompile when it changes)
+    counts, base = (torch.empty(num_blocks * num_experts, device=device, dtype=torch.int32) for _ in range(2))
     offsets = torch.empty(num_experts, device=device, dtype=torch.int32)
     order = torch.empty(pairs, device=device, dtype=torch.int32)
     inverse = torch.empty_like(order)
     token_of_row = torch.empty_like(order)
-    _count_kernel[(num_blocks,)](flat, counts, pairs, num_experts, BLOCK=block, BLOCK_E=block_e)
-    _scan_kernel[(1,)](counts, base, offsets, num_blocks, num_experts, CHUNK=max(1, 4096 // block_e), BLOCK_E=block_e)
-    _scatter_kernel[(num_blocks,)](flat, base, order, inverse, token_of_row, pairs, num_experts, k, BLOCK=block)
+    launchable(_count_kernel, flat)[(num_blocks,)](flat, counts, pairs, num_experts, BLOCK=block, BLOCK_E=block_e)
+    launchable(_scan_kernel, counts)[(1,)](counts, base, offsets, num_blocks, num_experts, CHUNK=max(1, 4096 // block_e), BLOCK_E=block_e)
+    launchable(_scatter_kernel, flat)[(num_blocks,)](flat, base, order, inverse, token_of_row, pairs, num_experts, k, BLOCK=block)
     return order, inverse, token_of_row, offsets
 
 
@@ -107,7 +108,7 @@ def tile_starts(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
     One launch: in torch ops it took eight, a few microseconds of host time each, per GEMM."""
     num_experts = offsets.shape[0]
     tiles = torch.empty(num_experts + 1, device=offsets.device, dtype=torch.int32)
-    _tile_starts_kernel[(1,)](offsets, tiles, num_experts, block_m, BLOCK_E=next_power_of_2(num_experts))
+    launchable(_tile_starts_kernel, offsets)[(1,)](offsets, tiles, num_experts, block_m, BLOCK_E=next_power_of_2(num_experts))
     return tiles
 
 

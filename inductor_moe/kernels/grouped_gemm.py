@@ -29,11 +29,12 @@ Hopper the e4m3 GEMMs load B, and A where its rows are not gathered, by the tens
 import functools
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import cdiv, interpreting, next_power_of_2
+from . import cdiv, interpreting, launchable, next_power_of_2
 from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward, load_operand_rows
 from .align import max_tiles, tile_starts
 from .quantize import SEGMENT_ALIGN, Quantized, quantize_blocks, quantize_segments, segment_starts
@@ -537,6 +538,8 @@ def _descriptor(x: torch.Tensor, block: list, wanted: bool):
     the copy engine can read it: e4m3 (the tiles' MMA operand as stored), 16-byte aligned; else None."""
     if not (wanted and x.dtype == torch.float8_e4m3fn and _copy_engine(x)):
         return None
+    if is_fake(x):
+        return None  # traced for Inductor: torch records no TMA descriptors outside dynamo (triton_kernel_wrap.py)
     aligned = x.stride(-1) == 1 and all(value % 16 == 0 for value in (x.data_ptr(), *x.stride()[:-1]))
     return TensorDescriptor.from_tensor(x, block) if aligned else None
 
@@ -584,7 +587,7 @@ def gemm(a, b, offsets, *, a_rows=None, bias=None, activation=None, store_h=Fals
     a_tiles = _descriptor(a, [config["BLOCK_M"], config["BLOCK_K"]], tma and a_rows is None)
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = _grid(max_tiles(num_rows, num_experts, config["BLOCK_M"]) * cdiv(n_out, config["BLOCK_N"]), config, a)
-    _gemm_kernel[grid](
+    launchable(_gemm_kernel, c)[grid](
         a if a_tiles is None else a_tiles, a_rows if a_rows is not None else offsets, b if b_tiles is None else b_tiles,
         c, h, bias if bias is not None else b, tiles, offsets,
         *fp8["pointers"], c_scales, n_out, k, num_experts,
@@ -617,7 +620,7 @@ def gemm_act_backward(a, a_rows, b, offsets, h, scale, activation):
     partial = torch.zeros(num_rows, col_tiles, device=a.device, dtype=torch.float32)
     tiles = tile_starts(offsets, config["BLOCK_M"])
     grid = _grid(max_tiles(num_rows, num_experts, config["BLOCK_M"]) * col_tiles, config, a)
-    _gemm_act_backward_kernel[grid](
+    launchable(_gemm_act_backward_kernel, grad_h)[grid](
         a, a_rows, b if b_tiles is None else b_tiles, h, scale, grad_h, partial, tiles, offsets, *fp8["pointers"],
         n_out, k, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), h.stride(0), h.stride(1),
@@ -636,7 +639,7 @@ def scaled_activation(h, activation=None, scale=None, rows=None):
     num_rows, n = (h if rows is None else rows).shape[0], h.shape[1] // (2 if gated else 1)
     out = h.new_empty(num_rows, n)
     block_m, block_n = (16, 16) if interpreting() else (32, 128)
-    _scaled_activation_kernel[(cdiv(num_rows, block_m), cdiv(n, block_n))](
+    launchable(_scaled_activation_kernel, out)[(cdiv(num_rows, block_m), cdiv(n, block_n))](
         h, rows if rows is not None else h, scale if scale is not None else h, out, num_rows, n, *h.stride(),
         *out.stride(), activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None else 0.0, GATHER=rows is not None, ACT=_act_code(activation),
@@ -676,7 +679,7 @@ def weight_grad(a, b, offsets, out, *, a_rows=None, a_activation=None, b_rows=No
         a, b = a.values, b.values
     config = _config("weight_grad", nd, kd, fp8, block_m=fp8_rows, itemsize=b.element_size())
     grid = (cdiv(nd, config["BLOCK_N"]), cdiv(kd, config["BLOCK_K"]), num_experts)
-    _weight_grad_kernel[grid](
+    launchable(_weight_grad_kernel, out)[grid](
         a, a_rows if a_rows is not None else offsets, b, b_rows if b_rows is not None else offsets,
         scale if scale is not None else b, out, bias_grad if bias_grad is not None else out, offsets,
         *scale_pointers, kd, nd,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, interpreting, next_power_of_2
+from . import cdiv, interpreting, launchable, next_power_of_2
 from .activations import CODES, load_operand_rows
 from .align import max_tiles, tile_starts
 
@@ -165,7 +165,7 @@ def quantize(x: torch.Tensor, block_rows: int, block_cols: int, power_of_two: bo
     else:
         # whole rows, swept twice; side by side, 64 x 64 tiles (H100: 5% faster than 32 x 128)
         rows_per_program = 16 if interpreting() else 8 if side_by_side == 1 else 64
-    _quantize_kernel[(cdiv(m, rows_per_program), cdiv(k, chunk) if kernel_cols else 1, batch)](
+    launchable(_quantize_kernel, q)[(cdiv(m, rows_per_program), cdiv(k, chunk) if kernel_cols else 1, batch)](
         batched, q, scales, m, k, *batched.stride(), *q.stride(), *scales.stride(),
         ROWS=rows_per_program, BLOCK_COLS=kernel_cols, SHARED=rows > 1, CHUNK=chunk, POW2=power_of_two,
         ROUND_FIRST=interpreting(), num_warps=8 if rows_per_program * chunk > 4096 else 4,
@@ -277,7 +277,7 @@ def quantize_segments(x, offsets, starts, block_rows: int, *, rows=None, activat
     # offsets within a tile of columns are 32-bit (here and in the weight gradient's loads)
     torch._check(128 * padded_rows < 2**31,
                  lambda: f"quantize_segments: {num_rows} rows of {num_experts} experts, over 32-bit offsets")
-    _quantize_segments_kernel[(num_experts, cdiv(n, block_n))](
+    launchable(_quantize_segments_kernel, scales)[(num_experts, cdiv(n, block_n))](
         x, rows if rows is not None else offsets, row_scale if row_scale is not None else x, q, scales,
         column_sums if column_sums is not None else scales, starts, offsets, n,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), scales.stride(0), scales.stride(1),

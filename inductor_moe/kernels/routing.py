@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, interpreting, next_power_of_2
+from . import cdiv, interpreting, launchable, next_power_of_2
 
 
 @triton.jit
@@ -158,7 +158,7 @@ def route(logits, k, renormalize, sigmoid=False, bias=None, n_group=1, topk_grou
     weights = torch.empty(num_tokens, k, device=logits.device, dtype=torch.float32)
     ids = torch.empty(num_tokens, k, device=logits.device, dtype=torch.int32)
     blocks = _blocks(num_experts, k)
-    _route_kernel[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
+    launchable(_route_kernel, weights)[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
         logits, bias if bias is not None else logits, weights, ids,
         num_tokens, num_experts, logits.stride(0), scale, group_fill, eps,
         K=k, SIGMOID=sigmoid, HAS_BIAS=bias is not None, RENORMALIZE=renormalize,
@@ -174,7 +174,7 @@ def route_backward(grad_weights, logits, ids, renormalize, sigmoid=False, scale=
     k = ids.shape[1]
     grad_logits = torch.empty(num_tokens, num_experts, device=logits.device, dtype=torch.float32)
     blocks = _blocks(num_experts, k)
-    _route_backward_kernel[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
+    launchable(_route_backward_kernel, grad_logits)[(cdiv(num_tokens, blocks["BLOCK_T"]),)](
         grad_weights.contiguous(), logits, ids.contiguous(), grad_logits,
         num_tokens, num_experts, logits.stride(0), scale, eps,
         K=k, SIGMOID=sigmoid, RENORMALIZE=renormalize, CHOOSE_ON_LOGITS=choose_on_logits, **blocks,

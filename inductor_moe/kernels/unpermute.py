@@ -8,7 +8,7 @@ One program per block of tokens and columns; no atomics, so the result is determ
 import triton
 import triton.language as tl
 
-from . import cdiv, interpreting, next_power_of_2
+from . import cdiv, interpreting, launchable, next_power_of_2
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def unpermute_reduce(rows, inverse, weights, num_tokens, k, out_dtype=None):
     out = rows.new_empty(num_tokens, n, dtype=out_dtype or rows.dtype)
     block_t, block_n = (16, 16) if interpreting() else (8, min(256, next_power_of_2(n)))
     grid = (cdiv(num_tokens, block_t), cdiv(n, block_n))
-    _unpermute_reduce_kernel[grid](
+    launchable(_unpermute_reduce_kernel, out)[grid](
         rows, inverse, weights.contiguous() if weights is not None else inverse, out, num_tokens, n,
         rows.stride(0), rows.stride(1), out.stride(0), out.stride(1),
         K=k, HAS_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n,

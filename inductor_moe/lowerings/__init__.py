@@ -1,10 +1,11 @@
 """How Inductor lowers the canonical ops.
 
-``cpu``: a post-grad pass replaces each op by its CPU code traced into aten, so Inductor fuses
-the pointwise parts around extern grouped GEMMs. Where that does not apply (other devices, dtypes
-``_grouped_mm`` cannot compile), the op runs as one extern call of its eager implementation: the
-fallbacks registered here. An experts call whose ``h`` nothing reads (an inference graph: no
-backward saves it) is told not to store it.
+``decompose``: a post-grad pass replaces each op by its implementation traced into the graph:
+the Triton kernels on CUDA (emitted into Inductor's output code), the torch code on CPU (fused by
+Inductor around extern grouped GEMMs). Where that does not apply (the kernels on CPU tensors in
+Triton's interpreter, dtypes ``_grouped_mm`` cannot compile on CPU), the op runs as one extern call
+of its eager implementation: the fallbacks registered here. First, an experts call whose ``h``
+nothing reads (an inference graph: no backward saves it) is told not to store it.
 """
 
 import operator
@@ -14,7 +15,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.lowering import make_fallback
 from torch.fx import Graph
 
-from . import cpu
+from . import decompose
 
 _STORE_H = [a.name for a in torch.ops.inductor_moe.experts.default._schema.arguments].index("store_h")
 
@@ -27,10 +28,8 @@ for _op in (
     make_fallback(_op, warn=False)
 
 
-def post_grad(graph: Graph) -> None:
-    """inductor_moe's post-grad pass: canonical ops on CPU become their traced code; an experts
-    call left extern whose h no node reads skips storing it (T * k rows of the first projection)."""
-    cpu.decompose(graph)
+def _skip_unread_h(graph: Graph) -> None:
+    """Experts calls whose h no node reads skip storing it (T * k rows of the first projection)."""
     for node in graph.find_nodes(op="call_function", target=torch.ops.inductor_moe.experts.default):
         if any(user.target is operator.getitem and user.args[1] == 1 for user in node.users):
             continue
@@ -41,3 +40,9 @@ def post_grad(graph: Graph) -> None:
         out, h, order, offsets = node.meta["val"]
         node.meta["val"] = (out, h.new_empty(0, h.shape[1]), order, offsets)
         counters["inductor_moe"]["experts_without_h"] += 1
+
+
+def post_grad(graph: Graph) -> None:
+    """inductor_moe's post-grad pass: unread h not stored, then the ops traced where they can be."""
+    _skip_unread_h(graph)
+    decompose.decompose(graph)

@@ -5,6 +5,7 @@ gradients in their weight's storage layout.
 """
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..kernels import align, grouped_gemm, quantize, routing, unpermute
@@ -46,7 +47,7 @@ def weight_operand(b: torch.Tensor, recipe: str | None):
         return b
     rows, cols = fp8.RECIPES[recipe][1]
     quantized = lambda: quantize.quantize_weight(b, rows, cols, recipe == "mxfp8")  # noqa: E731
-    if _capturing(b):
+    if is_fake(b) or _capturing(b):  # a graph being traced or captured quantizes it every call
         return quantized()
     root = b if b._base is None else b._base
     key = (b.shape, b.stride(), b.storage_offset(), recipe)
@@ -113,15 +114,15 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     num_experts = w1.shape[0]
     grad_out = grad_out.contiguous()
     _, inverse, token_of_row, _ = align.align(ids, num_experts)  # the same sort as the forward's
-    scale = weights.reshape(-1)[order].float()
-    expert_of_row = ids.reshape(-1)[order] if b1 is not None or b2 is not None else None  # for the biases
+    scale = gather_rows(weights.reshape(-1), order).float()
+    expert_of_row = gather_rows(ids.reshape(-1), order) if b1 is not None or b2 is not None else None  # for the biases
     grad_h, partial = grouped_gemm.gemm_act_backward(
         activation_operand(grad_out, fp8_recipe), token_of_row, weight_operand(w2.transpose(1, 2), fp8_recipe), offsets, h, scale, act
     )
     grad_scale = partial.sum(dim=1)
     if b2 is not None:  # the bias's share of each expert output: <grad_t, b2[e]>
-        grad_scale += (grad_out[token_of_row.long()].float() * b2[expert_of_row].float()).sum(dim=-1)
-    grad_weights = grad_scale[inverse.long()].view(num_tokens, k).to(weights.dtype)
+        grad_scale += (gather_rows(grad_out, token_of_row).float() * gather_rows(b2, expert_of_row).float()).sum(dim=-1)
+    grad_weights = gather_rows(grad_scale, inverse).view(num_tokens, k).to(weights.dtype)
 
     weight_grad_recipe = fp8_recipe if fp8_weight_grad else None
     if weight_grad_recipe is None and vendor_weight_grads(x, w1, w2):
