@@ -74,13 +74,10 @@ def _fake_cuda_getitem(tensor, key):
     return torch.ops.aten.index.Tensor(out, indices) if any(i is not None for i in indices) else out
 
 
-def _listed_order(choices) -> dict:
-    return {choice: float(rank) for rank, choice in enumerate(choices, 1)}
-
-
 class Generated(NamedTuple):
     code: str  # the output module's source
     cudagraph_blocker: str | None  # why CUDA graphs could not capture it, as Inductor decides (None: they can)
+    autotuned: list  # the choices of each max-autotune selection, by name
 
 
 def _cudagraph_blocker(graph: GraphLowering) -> str | None:
@@ -93,18 +90,21 @@ def _cudagraph_blocker(graph: GraphLowering) -> str | None:
 
 
 @contextlib.contextmanager
-def fake_h100(run_instead):
+def fake_h100(run_instead, prefer: str | None = None):
     """Inductor's CUDA codegen without a GPU: device queries answer as an H100 does, Triton
     targets sm_90, and each output module is recorded (``Generated``, in the list this yields)
-    instead of loaded; its ``call`` runs ``run_instead`` (the graph, eagerly on CPU)."""
+    instead of loaded; its ``call`` runs ``run_instead`` (the graph, eagerly on CPU). Max-autotune
+    has no device to time its choices on: each takes its place in Inductor's list, except that a
+    choice whose name matches ``prefer`` comes first."""
     from torch._dynamo.device_interface import CudaInterface
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    generated = []
+    generated, autotuned = [], []
 
     def record(graph: GraphLowering, wrapper_code):
-        generated.append(Generated(wrapper_code.value, _cudagraph_blocker(graph)))
+        generated.append(Generated(wrapper_code.value, _cudagraph_blocker(graph), autotuned[:]))
+        autotuned.clear()
 
         def call(args):
             inputs = list(args)
@@ -112,6 +112,11 @@ def fake_h100(run_instead):
             return run_instead(*inputs)
 
         return types.SimpleNamespace(call=call, __file__="<not loaded: generated for a fake H100>")
+
+    def timings(choices) -> dict:
+        autotuned.append([choice.name for choice in choices])
+        return {choice: 0.0 if prefer and re.search(prefer, choice.name) else float(rank)
+                for rank, choice in enumerate(choices, 1)}
 
     queries = dict(get_device_properties=lambda device=None: H100, get_device_capability=lambda device=None: (9, 0),
                    current_device=lambda: 0, device_count=lambda: 1,
@@ -142,9 +147,8 @@ def fake_h100(run_instead):
         stack.enter_context(mock.patch.object(joint_graph, "lazy_init", lambda input_device=None: lazy_init(torch.device("cpu"))))
         stack.enter_context(mock.patch.object(GraphLowering, "_compile_to_module_lines", record))
         stack.enter_context(mock.patch.object(torch.Tensor, "__getitem__", _fake_cuda_getitem))
-        # max-autotune: no device to time the choices on; each takes its place in Inductor's list
         stack.enter_context(mock.patch.object(AlgorithmSelectorCache, "make_benchmark_fn",
-                                              lambda *args, **kwargs: _listed_order))
+                                              lambda *args, **kwargs: timings))
         active, driver._active = driver._active, target
         stack.callback(setattr, driver, "_active", active)
         yield generated
@@ -172,16 +176,17 @@ def on_cuda(gm: torch.fx.GraphModule, example_inputs):
 
 
 def generated_cuda_code(fn, *inputs, backward: bool = False, dynamic: bool | None = None, options: dict | None = None,
-                        then: tuple = ()) -> list[Generated]:
+                        then: tuple = (), prefer: str | None = None) -> list[Generated]:
     """What Inductor generates for an H100 from ``fn(*inputs)`` (CPU tensors): a ``Generated``
     per graph it compiles, forward first. With ``backward`` the sum of the outputs is
     differentiated too; ``then``: more input tuples the same compiled function runs (a graph
-    compiled again for them shows as another entry). ``options``: Inductor config values."""
+    compiled again for them shows as another entry). ``options``: Inductor config values;
+    ``prefer``: which max-autotune choices win (``fake_h100``)."""
     generated = []
 
     def cuda_codegen(gm, example_inputs, **kwargs):
         cuda_gm, cuda_inputs = on_cuda(gm, example_inputs)
-        with fake_h100(run_instead=gm) as recorded:
+        with fake_h100(run_instead=gm, prefer=prefer) as recorded:
             compiled = inductor_compile.compile_fx_inner(cuda_gm, cuda_inputs, **kwargs)
         generated.extend(recorded)
         return compiled
@@ -246,6 +251,7 @@ def cases() -> dict:
         "training": lambda: _case(block(), backward=True),
         **{f"fp8_{recipe}": fp8(recipe) for recipe in ("rowwise", "blockwise", "mxfp8")},
         "max_autotune": lambda: _case(block(), backward=False, options={"max_autotune": True}),
+        "max_autotune_vendor": lambda: _case(block(), backward=False, options={"max_autotune": True}, prefer="_vendor"),
         "deepseek_v3": lambda: _case(block("deepseek_v3_grouped_mm"), backward=False),
         "gpt_oss": lambda: _case(block("gpt_oss_grouped_mm"), backward=True),
     }
@@ -261,8 +267,7 @@ def main(path: str, names: list[str]) -> None:
         for graph in generate():
             if graph.code not in compiled:
                 compiled[graph.code] = compile_kernels_for_sm90(graph.code)
-            graphs.append({"code": graph.code, "cudagraph_blocker": graph.cudagraph_blocker,
-                           "sm90_errors": compiled[graph.code]})
+            graphs.append({**graph._asdict(), "sm90_errors": compiled[graph.code]})
         results[name] = graphs
         print(f"{name}: {len(graphs)} graphs", flush=True)
     with open(path, "w") as out:

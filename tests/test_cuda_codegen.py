@@ -4,8 +4,9 @@
 ``cuda_codegen.cases()`` through Inductor for a fake sm_90 device and compiles every Triton kernel
 of the output for sm_90 with Triton's bundled ptxas. The tests read what it wrote: every canonical
 op is our Triton kernels in the output code (no extern call of the op, no host sync), forward and
-backward, every FP8 recipe, under max-autotune; the token count stays symbolic (one graph for
-every count); CUDA graphs can capture every graph.
+backward, every FP8 recipe; under max-autotune the down projection is timed against
+``torch._grouped_mm``; the token count stays symbolic (one graph for every count); CUDA graphs can
+capture every graph.
 """
 
 import json
@@ -32,6 +33,7 @@ EXPECTED = {
     "fp8_blockwise": [FP8_FORWARD, FP8_BACKWARD],
     "fp8_mxfp8": [FP8_FORWARD, FP8_BACKWARD],
     "max_autotune": [FORWARD],
+    "max_autotune_vendor": [FORWARD],
     "deepseek_v3": [FORWARD],
     "gpt_oss": [FORWARD, BACKWARD],
 }
@@ -114,3 +116,20 @@ def test_group_limited_routing_in_the_kernel(generated):
     """DeepSeek-V3's sigmoid, bias-corrected, group-limited router is the route kernel's constants."""
     (route,) = constants(generated["deepseek_v3"][0]["code"], "_route_kernel")
     assert route["SIGMOID"] and route["HAS_BIAS"] and route["N_GROUP"] > 1
+
+
+def test_max_autotune_times_our_kernel_against_grouped_mm(generated):
+    """Under max-autotune the down projection is a choice: our kernel, torch._grouped_mm, the op."""
+    (graph,) = generated["max_autotune"]
+    (choices,) = [names for names in graph["autotuned"] if any("grouped_mm" in name for name in names)]
+    assert [re.sub(r"_\d+$", "", name) for name in choices] == [
+        "inductor_moe::grouped_mm_autotuned__kernel", "inductor_moe::grouped_mm_autotuned__vendor",
+        "inductor_moe_grouped_mm_fallback"]
+    assert len(re.findall(r"_gemm_kernel_\d+\.run\(", graph["code"])) == 2  # our kernel won: inlined
+
+
+def test_max_autotune_can_pick_grouped_mm(generated):
+    (graph,) = generated["max_autotune_vendor"]
+    call = graph["code"][graph["code"].index("def call("):]
+    assert len(re.findall(r"extern_kernels\._grouped_mm\(", call)) == 1  # the down projection
+    assert len(re.findall(r"_gemm_kernel_\d+\.run\(", call)) == 1  # the up projection: gather + SwiGLU fused

@@ -343,6 +343,23 @@ def check_experts_op_on_kernels(act, shape, dtype):
         assert_close(kernels[name].cpu(), expected, LOW[dtype], name, bound)
 
 
+@pytest.mark.parametrize("on_kernels", [False, True])
+def test_grouped_mm_op(on_kernels):
+    """The max-autotune choice point (ops/grouped_mm.py): the kernel and the torch code, a transposed
+    B and an expert with no rows included."""
+    rows, experts, k, n = 37, 5, 24, 40
+    a = torch.randn(rows, k, device=DEVICE)
+    b = expert_weights(experts, k, n, torch.float32, out_in=True)
+    offsets = torch.tensor([6, 6, 20, 31, rows], dtype=torch.int32, device=DEVICE)
+    with inductor_moe.config.patch(triton_on_cpu=on_kernels):
+        out = torch.ops.inductor_moe.grouped_mm(a, b, offsets)
+    starts = [0, *offsets.tolist()[:-1]]
+    expected = torch.cat([a[s:e].double() @ b[i].double() for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
+    assert_close(out.cpu(), expected.cpu(), EXACT, "grouped_mm")
+    with pytest.raises(RuntimeError, match="a \\[M, K\\], b \\[E, K, N\\]"):
+        torch.ops.inductor_moe.grouped_mm(a, b[:, :-1], offsets)
+
+
 def test_route_op_on_kernels():
     logits = torch.randn(19, 32, device=DEVICE, requires_grad=True)
     bias = 0.1 * torch.randn(32, device=DEVICE)

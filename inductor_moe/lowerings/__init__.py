@@ -5,7 +5,8 @@ the Triton kernels on CUDA (emitted into Inductor's output code), the torch code
 Inductor around extern grouped GEMMs). Where that does not apply (the kernels on CPU tensors in
 Triton's interpreter, dtypes ``_grouped_mm`` cannot compile on CPU), the op runs as one extern call
 of its eager implementation: the fallbacks registered here. First, an experts call whose ``h``
-nothing reads (an inference graph: no backward saves it) is told not to store it.
+nothing reads (an inference graph: no backward saves it) is told not to store it. ``autotune``:
+under max-autotune the plain grouped GEMMs are a choice between our kernel and ``torch._grouped_mm``.
 """
 
 import operator
@@ -15,7 +16,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.lowering import make_fallback
 from torch.fx import Graph
 
-from . import decompose
+from . import autotune, decompose
 
 _STORE_H = [a.name for a in torch.ops.inductor_moe.experts.default._schema.arguments].index("store_h")
 
@@ -26,6 +27,8 @@ for _op in (
     torch.ops.inductor_moe.experts_backward.default,
 ):
     make_fallback(_op, warn=False)
+if not autotune.register():
+    make_fallback(torch.ops.inductor_moe.grouped_mm.default, warn=False)
 
 
 def _skip_unread_h(graph: Graph) -> None:

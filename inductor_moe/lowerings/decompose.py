@@ -16,15 +16,18 @@ Anything else stays one extern call of the op's implementation (``ops/implementa
 Triton kernels under ``config.triton_on_cpu`` run in Triton's interpreter, which cannot be traced.
 """
 
+import contextlib
+
 import torch
 from torch._dispatch.python import enable_python_dispatcher
+from torch._inductor import config as inductor_config
 from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match, PatternMatcherPass, register_graph_pattern
 from torch.fx import Graph
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.traceback import preserve_node_meta
 
-from ..ops import cpu, implementation
+from ..ops import cpu, grouped_mm, implementation
 from ..ops.activations import Activation
 
 _PASS = PatternMatcherPass(pass_name="inductor_moe_decompose")
@@ -116,7 +119,10 @@ def _experts(match: Match, *args, **kwargs):
     impl = implementation.of(_value(a["x"]))
     act, recipe, store_h = _activation(a), a["fp8_recipe"], a["store_h"]
     tensors = [a[name] for name in ("x", "ids", "weights", "w1", "w2", "b1", "b2")]
-    match.replace_by_example(lambda *t: impl.experts_forward(*t, act, recipe, store_h), tensors, trace_fn=_tracer(impl))
+    # under max-autotune the down projection stays a grouped_mm op: Inductor times it (lowerings/autotune.py)
+    with grouped_mm.choosing() if inductor_config.max_autotune else contextlib.nullcontext():
+        match.replace_by_example(lambda *t: impl.experts_forward(*t, act, recipe, store_h), tensors,
+                                 trace_fn=_tracer(impl))
 
 
 @register_graph_pattern(

@@ -3,4 +3,4 @@
 Importing this package registers them (schema, fake implementation, autograd, CPU implementation).
 """
 
-from . import experts, route  # noqa: F401  (registration)
+from . import experts, grouped_mm, route  # noqa: F401  (registration)

@@ -11,6 +11,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..kernels import align, grouped_gemm, quantize, routing, unpermute
 from . import fp8
 from .activations import Activation
+from .grouped_mm import is_choice_point
 from .cpu import gather_rows, grouped_mm_weight_grad, segment_sum, stored_out_in
 
 # weight tensor (the root of its views) -> {(view, recipe): (version, Quantized)}: each weight is
@@ -77,6 +78,10 @@ def vendor_weight_grads(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> 
             and w2.shape[1] >= 256 and all(size % 8 == 0 for size in (x.shape[1], w1.shape[2], w2.shape[1])))
 
 
+def grouped_mm(a, b, offsets):
+    return grouped_gemm.gemm(a, b, offsets)[0]
+
+
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
                   scale: float, group_fill: float, eps: float, group_top: int):
     return routing.route(logits, k, renormalize, scoring.startswith("sigmoid"), bias, n_group, topk_group, scale,
@@ -96,7 +101,10 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe
     a, h = grouped_gemm.gemm(activation_operand(x, fp8_recipe), weight_operand(w1, fp8_recipe), offsets, a_rows=token_of_row,
                              bias=b1, activation=act, store_h=store_h, out_dtype=x.dtype, fp8_out=fused)
     a = a if fused else activation_operand(a, fp8_recipe)
-    y, _ = grouped_gemm.gemm(a, weight_operand(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
+    if fp8_recipe is None and b2 is None and is_choice_point(a):
+        y = torch.ops.inductor_moe.grouped_mm(a, w2, offsets)  # a choice for Inductor's autotuner
+    else:
+        y, _ = grouped_gemm.gemm(a, weight_operand(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
     out = unpermute.unpermute_reduce(y, inverse, weights, num_tokens, k, out_dtype=x.dtype)
     return out, h if store_h else x.new_empty(0, w1.shape[2]), order.long(), offsets
 

@@ -1,0 +1,63 @@
+"""Max-autotune's choice for the plain grouped GEMMs (``inductor_moe::grouped_mm``, ops/grouped_mm.py).
+
+Inductor times each choice on the GPU while it compiles and inlines the winner into its output code:
+
+- our Triton kernel, traced (``kernels/grouped_gemm.py``: a user-defined kernel in the output code);
+- ``torch._grouped_mm`` (cuBLAS / CUTLASS; under max-autotune Inductor also tries its own persistent
+  TMA template for it), where it takes the operands: bfloat16 on sm_90 or newer, 16-byte strides;
+- the op itself, an extern call (Inductor always adds its fallback).
+
+Benchmark inputs: the rows split evenly over the experts (random ends would index out of bounds).
+Without ``register_custom_op_autotuning`` (torch < 2.10) the op is an extern call of the kernel.
+"""
+
+import torch
+
+from ..ops import cpu, triton_impl
+
+
+def _kernel(a, b, offsets):
+    return triton_impl.grouped_mm(a, b, offsets)
+
+
+def _vendor(a, b, offsets):
+    return torch._grouped_mm(a, b, offs=offsets)
+
+
+def _vendor_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.is_cuda and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
+            and cpu._grouped_mm_accepts(a, b))
+
+
+class _EvenRows:
+    """Benchmark inputs: a's rows (generated first, in argument order), then ends splitting them
+    evenly over the experts."""
+
+    rows = 0
+
+    @classmethod
+    def a(cls, fake: torch.Tensor) -> torch.Tensor:
+        cls.rows = fake.shape[0]
+        return torch.randn(fake.shape, dtype=fake.dtype, device=fake.device)
+
+    @classmethod
+    def offsets(cls, fake: torch.Tensor) -> torch.Tensor:
+        experts = fake.shape[0]
+        ends = torch.arange(1, experts + 1, device=fake.device) * cls.rows // experts
+        return ends.to(torch.int32)
+
+
+def register() -> bool:
+    """Have Inductor autotune the op; False where this torch cannot (the op then stays extern)."""
+    try:
+        from torch._inductor.kernel.custom_op import CustomOpConfig, register_custom_op_autotuning
+    except ImportError:
+        return False
+
+    def choices(inputs: dict) -> list:
+        a, b = inputs["a"], inputs["b"]
+        return [CustomOpConfig(_kernel)] + ([CustomOpConfig(_vendor)] if _vendor_takes(a, b) else [])
+
+    register_custom_op_autotuning(torch.ops.inductor_moe.grouped_mm.default, config_generator=choices,
+                                  input_gen_fns={"a": _EvenRows.a, "offsets": _EvenRows.offsets})
+    return True
