@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(__file__)
 
@@ -133,3 +134,52 @@ def test_max_autotune_can_pick_grouped_mm(generated):
     call = graph["code"][graph["code"].index("def call("):]
     assert len(re.findall(r"extern_kernels\._grouped_mm\(", call)) == 1  # the down projection
     assert len(re.findall(r"_gemm_kernel_\d+\.run\(", call)) == 1  # the up projection: gather + SwiGLU fused
+
+
+# --- on a GPU: the same lowering run -------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the generated code: needs a GPU")
+
+
+@needs_gpu
+def test_compiled_on_the_gpu_matches_eager():
+    """The traced kernels run: compiled forward and gradients match eager for three token counts,
+    one graph for all (counted by the plugin's rewrites: a recompile rewrites again)."""
+    from helpers import assert_matches_eager
+
+    from inductor_moe import models
+
+    cfg = models.MoEConfig(hidden=256, intermediate=128, num_experts=8, top_k=2)
+    model = models.build("dense_loop", cfg).to("cuda", torch.bfloat16)
+    compiled = torch.compile(model, dynamic=True)
+    for tokens in (20, 33, 257):
+        assert_matches_eager(model, compiled, torch.randn(tokens, cfg.hidden, device="cuda", dtype=torch.bfloat16))
+    assert torch._dynamo.utils.counters["inductor_moe"]["dense_loop_experts"] == 1
+
+
+@needs_gpu
+@pytest.mark.parametrize("recipe", ["rowwise", "blockwise", "mxfp8"])
+def test_compiled_fp8_on_the_gpu_keeps_its_accuracy(recipe):
+    """The traced FP8 kernels hold the recipes' accuracy bars (tests/test_fp8.py's) against float32."""
+    from inductor_moe import accuracy, models
+
+    cfg = models.MoEConfig(hidden=256, intermediate=128, num_experts=8, top_k=2)
+    model = models.build("dense_loop", cfg).to("cuda")
+    result = accuracy.block_sqnr(model, torch.randn(300, cfg.hidden, device="cuda"), recipe)
+    assert result["out"] >= 20.0 and result["grad_x"] >= 20.0, result
+
+
+@needs_gpu
+def test_cuda_graph_replays_the_compiled_block():
+    """mode="reduce-overhead": the compiled block is captured into a CUDA graph and replayed with
+    new inputs, matching eager each time."""
+    from inductor_moe import models
+
+    cfg = models.MoEConfig(hidden=256, intermediate=128, num_experts=8, top_k=2)
+    model = models.build("dense_loop", cfg).to("cuda", torch.bfloat16)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(64, cfg.hidden, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(compiled(x).clone(), model(x), atol=3e-2, rtol=3e-2)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
