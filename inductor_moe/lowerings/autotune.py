@@ -8,15 +8,20 @@ Inductor times each choice on the GPU while it compiles and inlines the winner i
 - the op itself, an extern call (Inductor always adds its fallback).
 
 Benchmark inputs: the rows split evenly over the experts (random ends would index out of bounds).
-Without ``register_custom_op_autotuning`` (torch < 2.10) the op is an extern call of the kernel.
+Without ``register_custom_op_autotuning`` and its ``config_generator`` (torch < 2.10) the op is an
+extern call of the kernel.
 """
+
+import inspect
 
 import torch
 
-from ..ops import cpu, triton_impl
+from ..ops import cpu
 
 
 def _kernel(a, b, offsets):
+    from ..ops import triton_impl  # imports Triton: only when kernels are wanted
+
     return triton_impl.grouped_mm(a, b, offsets)
 
 
@@ -52,6 +57,8 @@ def register() -> bool:
     try:
         from torch._inductor.kernel.custom_op import CustomOpConfig, register_custom_op_autotuning
     except ImportError:
+        return False
+    if "config_generator" not in inspect.signature(register_custom_op_autotuning).parameters:
         return False
 
     def choices(inputs: dict) -> list:
