@@ -252,6 +252,7 @@ def cases() -> dict:
         **{f"fp8_{recipe}": fp8(recipe) for recipe in ("rowwise", "blockwise", "mxfp8")},
         "max_autotune": lambda: _case(block(), backward=False, options={"max_autotune": True}),
         "max_autotune_vendor": lambda: _case(block(), backward=False, options={"max_autotune": True}, prefer="_vendor"),
+        "max_autotune_training": lambda: _case(block(), backward=True, options={"max_autotune": True}),
         "deepseek_v3": lambda: _case(block("deepseek_v3_grouped_mm"), backward=False),
         "gpt_oss": lambda: _case(block("gpt_oss_grouped_mm"), backward=True),
     }

@@ -343,21 +343,24 @@ def check_experts_op_on_kernels(act, shape, dtype):
         assert_close(kernels[name].cpu(), expected, LOW[dtype], name, bound)
 
 
+@pytest.mark.parametrize("act", [None, Activation("swiglu"), Activation("swiglu_oai", interleaved=True, limit=1.0)],
+                         ids=str)
 @pytest.mark.parametrize("on_kernels", [False, True])
-def test_grouped_mm_op(on_kernels):
-    """The max-autotune choice point (ops/grouped_mm.py): the kernel and the torch code, a transposed
-    B and an expert with no rows included."""
-    rows, experts, k, n = 37, 5, 24, 40
-    a = torch.randn(rows, k, device=DEVICE)
-    b = expert_weights(experts, k, n, torch.float32, out_in=True)
-    offsets = torch.tensor([6, 6, 20, 31, rows], dtype=torch.int32, device=DEVICE)
+def test_grouped_mm_op(on_kernels, act):
+    """The max-autotune choice point (ops/grouped_mm.py), on the kernel and the torch code: gathered
+    rows, a transposed B, the activations."""
+    tokens, k, experts, hidden, inner = 29, 3, 5, 24, 20
+    width = 2 * inner if act is not None else inner
+    experts_of_row, _, token_of_row, offsets = sorted_rows(tokens, k, experts)
+    x = torch.randn(tokens, hidden, device=DEVICE)
+    w = expert_weights(experts, hidden, width, torch.float32, out_in=True)
+    options = {} if act is None else dict(activation=act.name, interleaved=act.interleaved, limit=act.limit)
     with inductor_moe.config.patch(triton_on_cpu=on_kernels):
-        out = torch.ops.inductor_moe.grouped_mm(a, b, offsets)
-    starts = [0, *offsets.tolist()[:-1]]
-    expected = torch.cat([a[s:e].double() @ b[i].double() for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
-    assert_close(out.cpu(), expected.cpu(), EXACT, "grouped_mm")
+        out = torch.ops.inductor_moe.grouped_mm(x, w, offsets, token_of_row, **options)
+    expected = torch.einsum("rk,rkn->rn", x.cpu()[token_of_row.cpu().long()].double(), w.cpu()[experts_of_row].double())
+    assert_close(out.cpu(), expected if act is None else act.forward(expected), EXACT, "grouped_mm")
     with pytest.raises(RuntimeError, match="a \\[M, K\\], b \\[E, K, N\\]"):
-        torch.ops.inductor_moe.grouped_mm(a, b[:, :-1], offsets)
+        torch.ops.inductor_moe.grouped_mm(x, w[:, :-1], offsets)
 
 
 def test_route_op_on_kernels():

@@ -1,10 +1,12 @@
-"""Max-autotune's choice for the plain grouped GEMMs (``inductor_moe::grouped_mm``, ops/grouped_mm.py).
+"""Max-autotune's choice for the grouped GEMMs (``inductor_moe::grouped_mm``, ops/grouped_mm.py).
 
 Inductor times each choice on the GPU while it compiles and inlines the winner into its output code:
 
-- our Triton kernel, traced (``kernels/grouped_gemm.py``: a user-defined kernel in the output code);
+- our Triton kernel, traced (``kernels/grouped_gemm.py``: a user-defined kernel in the output code,
+  the gather in its prologue, the activation in its epilogue);
 - ``torch._grouped_mm`` (cuBLAS / CUTLASS; under max-autotune Inductor also tries its own persistent
   TMA template for it), where it takes the operands: bfloat16 on sm_90 or newer, 16-byte strides;
+  the gather and the activation are then Inductor's own kernels around it;
 - the op itself, an extern call (Inductor always adds its fallback).
 
 Benchmark inputs: the rows split evenly over the experts (random ends would index out of bounds).
@@ -17,16 +19,20 @@ import inspect
 import torch
 
 from ..ops import cpu
+from ..ops.grouped_mm import activation_of
 
 
-def _kernel(a, b, offsets):
+def _kernel(a, b, offsets, rows=None, activation=None, interleaved=False, alpha=1.702, limit=7.0):
     from ..ops import triton_impl  # imports Triton: only when kernels are wanted
 
-    return triton_impl.grouped_mm(a, b, offsets)
+    return triton_impl.grouped_mm(a, b, offsets, rows, activation_of(activation, interleaved, alpha, limit))
 
 
-def _vendor(a, b, offsets):
-    return torch._grouped_mm(a, b, offs=offsets)
+def _vendor(a, b, offsets, rows=None, activation=None, interleaved=False, alpha=1.702, limit=7.0):
+    """The gather and the activation as torch ops (Inductor's kernels) around torch._grouped_mm."""
+    act = activation_of(activation, interleaved, alpha, limit)
+    out = torch._grouped_mm(a if rows is None else a.index_select(0, rows), b, offs=offsets)
+    return out if act is None else act.forward(out)
 
 
 def _vendor_takes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -53,14 +53,19 @@ def _segments(offsets: torch.Tensor):
         start = end
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``a[rows of e] @ b[e]`` for every expert e: a ``[M, K]`` grouped by offsets, b ``[E, K, N]``."""
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None = None,
+               act: Activation | None = None) -> torch.Tensor:
+    """``act(a'[rows of e] @ b[e])`` for every expert e: a' ``[M, K]`` (``a[rows]``, or a) grouped
+    by offsets, b ``[E, K, N]``; no activation when ``act`` is None."""
+    if rows is not None:
+        a = gather_rows(a, rows)
     if _grouped_mm_accepts(a, b):
-        return torch._grouped_mm(a, b, offs=offsets)
-    out = a.new_empty(a.shape[0], b.shape[-1])
-    for expert, start, end in _segments(offsets):
-        torch.mm(a[start:end], b[expert], out=out[start:end])
-    return out
+        out = torch._grouped_mm(a, b, offs=offsets)
+    else:
+        out = a.new_empty(a.shape[0], b.shape[-1])
+        for expert, start, end in _segments(offsets):
+            torch.mm(a[start:end], b[expert], out=out[start:end])
+    return out if act is None else act.forward(out)
 
 
 def fp8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, recipe: str | None) -> torch.Tensor:

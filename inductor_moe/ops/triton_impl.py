@@ -78,8 +78,8 @@ def vendor_weight_grads(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> 
             and w2.shape[1] >= 256 and all(size % 8 == 0 for size in (x.shape[1], w1.shape[2], w2.shape[1])))
 
 
-def grouped_mm(a, b, offsets):
-    return grouped_gemm.gemm(a, b, offsets)[0]
+def grouped_mm(a, b, offsets, rows=None, act: Activation | None = None):
+    return grouped_gemm.gemm(a, b, offsets, a_rows=rows, activation=act)[0]
 
 
 def route_forward(logits, k: int, renormalize: bool, scoring: str, bias, n_group: int, topk_group: int,
@@ -98,11 +98,17 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe
     order, inverse, token_of_row, offsets = align.align(ids, w1.shape[0])
     # FP8: x is quantized per token, before the gather: T rows, not T * k
     fused = epilogue_blocks(fp8_recipe)
-    a, h = grouped_gemm.gemm(activation_operand(x, fp8_recipe), weight_operand(w1, fp8_recipe), offsets, a_rows=token_of_row,
-                             bias=b1, activation=act, store_h=store_h, out_dtype=x.dtype, fp8_out=fused)
+    plain = fp8_recipe is None and is_choice_point(x)  # a choice for Inductor's autotuner (ops/grouped_mm.py)
+    if plain and b1 is None and not store_h:
+        a, h = torch.ops.inductor_moe.grouped_mm(x, w1, offsets, token_of_row, act.name, act.interleaved, act.alpha,
+                                                 act.limit), None
+    else:
+        a, h = grouped_gemm.gemm(activation_operand(x, fp8_recipe), weight_operand(w1, fp8_recipe), offsets,
+                                 a_rows=token_of_row, bias=b1, activation=act, store_h=store_h, out_dtype=x.dtype,
+                                 fp8_out=fused)
     a = a if fused else activation_operand(a, fp8_recipe)
-    if fp8_recipe is None and b2 is None and is_choice_point(a):
-        y = torch.ops.inductor_moe.grouped_mm(a, w2, offsets)  # a choice for Inductor's autotuner
+    if plain and b2 is None:
+        y = torch.ops.inductor_moe.grouped_mm(a, w2, offsets)
     else:
         y, _ = grouped_gemm.gemm(a, weight_operand(w2, fp8_recipe), offsets, bias=b2, out_dtype=x.dtype)
     out = unpermute.unpermute_reduce(y, inverse, weights, num_tokens, k, out_dtype=x.dtype)
