@@ -167,6 +167,22 @@ def test_compiled_on_the_gpu_matches_eager():
 
 
 @needs_gpu
+def test_max_autotune_on_the_gpu_matches_eager():
+    """Whichever grouped GEMM choices Inductor times fastest, inference and training match eager."""
+    from helpers import assert_matches_eager
+
+    from inductor_moe import models
+
+    cfg = models.MoEConfig(hidden=256, intermediate=128, num_experts=8, top_k=2)
+    model = models.build("dense_loop", cfg).to("cuda", torch.bfloat16)
+    compiled = torch.compile(model, mode="max-autotune-no-cudagraphs")
+    x = torch.randn(300, cfg.hidden, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=3e-2, rtol=3e-2)
+    assert_matches_eager(model, compiled, x)
+
+
+@needs_gpu
 @pytest.mark.parametrize("recipe", ["rowwise", "blockwise", "mxfp8"])
 def test_compiled_fp8_on_the_gpu_keeps_its_accuracy(recipe):
     """The traced FP8 kernels hold the recipes' accuracy bars (tests/test_fp8.py's) against float32."""

@@ -17,6 +17,7 @@ import os
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 
 @functools.cache
@@ -35,8 +36,14 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def traced(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is being traced into a graph (Inductor lowering a canonical op, or timing a
+    choice): a fake tensor, or any tensor while make_fx records (torch 2.11 traces autotuning
+    choices with factory calls outside the fake mode)."""
+    return is_fake(tensor) or get_proxy_mode() is not None
+
+
 def launchable(kernel, tensor: torch.Tensor):
-    """``kernel``, or while ``tensor`` is traced (a fake tensor: Inductor lowering a canonical op)
-    its ``torch.library.wrap_triton`` form: the launch is recorded in the graph, and Inductor
-    emits the kernel's source into its output code."""
-    return torch.library.wrap_triton(kernel) if is_fake(tensor) else kernel
+    """``kernel``, or while ``tensor`` is traced its ``torch.library.wrap_triton`` form: the launch
+    is recorded in the graph, and Inductor emits the kernel's source into its output code."""
+    return torch.library.wrap_triton(kernel) if traced(tensor) else kernel

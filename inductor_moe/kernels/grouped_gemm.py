@@ -29,12 +29,11 @@ Hopper the e4m3 GEMMs load B, and A where its rows are not gathered, by the tens
 import functools
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import cdiv, interpreting, launchable, next_power_of_2
+from . import cdiv, interpreting, launchable, next_power_of_2, traced
 from .activations import CODES, act_derivative, act_forward, gated_backward, gated_forward, load_operand_rows
 from .align import max_tiles, tile_starts
 from .quantize import SEGMENT_ALIGN, Quantized, quantize_blocks, quantize_segments, segment_starts
@@ -538,7 +537,7 @@ def _descriptor(x: torch.Tensor, block: list, wanted: bool):
     the copy engine can read it: e4m3 (the tiles' MMA operand as stored), 16-byte aligned; else None."""
     if not (wanted and x.dtype == torch.float8_e4m3fn and _copy_engine(x)):
         return None
-    if is_fake(x):
+    if traced(x):
         return None  # traced for Inductor: torch records no TMA descriptors outside dynamo (triton_kernel_wrap.py)
     aligned = x.stride(-1) == 1 and all(value % 16 == 0 for value in (x.data_ptr(), *x.stride()[:-1]))
     return TensorDescriptor.from_tensor(x, block) if aligned else None

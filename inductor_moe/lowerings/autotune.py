@@ -18,7 +18,7 @@ import inspect
 
 import torch
 
-from ..ops import cpu
+from ..ops import cpu, grouped_mm
 from ..ops.grouped_mm import activation_of
 
 
@@ -71,6 +71,6 @@ def register() -> bool:
         a, b = inputs["a"], inputs["b"]
         return [CustomOpConfig(_kernel)] + ([CustomOpConfig(_vendor)] if _vendor_takes(a, b) else [])
 
-    register_custom_op_autotuning(torch.ops.inductor_moe.grouped_mm.default, config_generator=choices,
+    register_custom_op_autotuning(grouped_mm.grouped_mm, config_generator=choices,
                                   input_gen_fns={"a": _EvenRows.a, "offsets": _EvenRows.offsets})
     return True

@@ -5,10 +5,9 @@ gradients in their weight's storage layout.
 """
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..kernels import align, grouped_gemm, quantize, routing, unpermute
+from ..kernels import align, grouped_gemm, quantize, routing, traced, unpermute
 from . import fp8
 from .activations import Activation
 from .grouped_mm import is_choice_point
@@ -48,7 +47,7 @@ def weight_operand(b: torch.Tensor, recipe: str | None):
         return b
     rows, cols = fp8.RECIPES[recipe][1]
     quantized = lambda: quantize.quantize_weight(b, rows, cols, recipe == "mxfp8")  # noqa: E731
-    if is_fake(b) or _capturing(b):  # a graph being traced or captured quantizes it every call
+    if traced(b) or _capturing(b):  # a graph being traced or captured quantizes it every call
         return quantized()
     root = b if b._base is None else b._base
     key = (b.shape, b.stride(), b.storage_offset(), recipe)
