@@ -28,6 +28,10 @@ fp8: str | None = None
 # With fp8 set, also run the weight-gradient GEMMs in FP8; False keeps them in the model's dtype.
 fp8_weight_grad: bool = True
 
+# Spread every rewritten block's experts over this torch.distributed process group (its name),
+# each rank running its share: see expert_parallel.parallelize. None: each rank runs every expert.
+expert_parallel: str | None = None
+
 # Run the Triton kernels for CPU tensors too, through Triton's interpreter (slow: for tests). The
 # interpreter must be on (TRITON_INTERPRET=1) before inductor_moe.kernels is imported.
 triton_on_cpu: bool = os.environ.get("TRITON_INTERPRET") == "1"

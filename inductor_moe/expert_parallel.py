@@ -26,7 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
 
+from . import config
 from .ops import cpu
 
 # what every rank must agree on
@@ -89,3 +91,24 @@ def experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, b1:
     acc = cpu.accumulation_dtype(x.dtype)
     scaled = back.to(acc) * weights.reshape(-1).index_select(0, order).to(acc)[:, None]
     return x.new_zeros(num_tokens, x.shape[1], dtype=acc).index_add(0, order // k, scaled).to(x.dtype)
+
+
+def parallelize(group: dist.ProcessGroup | None = None):
+    """Context manager (or decorator) under which torch.compile runs every MoE block it rewrites
+    expert-parallel over ``group`` (default: the world): each rank computes E / world experts,
+    for every rank's tokens. The model stays as written, every rank holding every expert's
+    weights; a rank's gradient of the others' experts is zero, so averaging gradients over the
+    group (DDP, FSDP) gives each expert its gradient of every rank's tokens. The token exchange
+    reads its split sizes on the host: compile with
+    ``torch._dynamo.config.capture_scalar_outputs = True``."""
+    group = group or dist.group.WORLD
+    return config.patch(expert_parallel=group.group_name)
+
+
+def experts_of_group(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None,
+                     b2: Tensor | None, activation: str, group_name: str, **options) -> Tensor:
+    """``experts`` for the whole stacked weights: this rank's share of them over the named group
+    (what a rewritten block runs under ``parallelize``)."""
+    group = _resolve_process_group(group_name)
+    local = [None if w is None else shard(w, group) for w in (w1, w2, b1, b2)]
+    return experts(x, ids, weights, *local, activation, group, **options)

@@ -70,9 +70,45 @@ def _check(group, num_experts, num_tokens, k, experts, seed, compiled=None):
         torch.testing.assert_close(leaf.grad, expert_parallel.shard(full.grad, group), msg=f"rank {rank}: grad of {name}")
 
 
+def _check_parallelized_block(group, style: str, num_experts: int, tokens: int) -> None:
+    """A block as written for one device, compiled under ``parallelize``: its rewrite runs the
+    experts over the group. Output and input gradient as eager on this rank; parameter gradients,
+    summed over the ranks (as data parallelism averages them), as eager's summed."""
+    from inductor_moe import models
+
+    torch.manual_seed(99)  # the same weights on every rank
+    cfg = models.MoEConfig(hidden=HIDDEN, intermediate=INNER, num_experts=num_experts, top_k=2)
+    model = models.build(style, cfg)
+    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(dist.get_rank(group)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # the masked loop's torch.where(mask) is one graph only with dynamic output shapes captured
+    dynamo = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
+    with expert_parallel.parallelize(group), torch._dynamo.config.patch(**dynamo):
+        compiled = torch.compile(model)
+        runs = []
+        for fn in (model, compiled):
+            model.zero_grad()
+            leaf = x.clone().requires_grad_()
+            out = fn(leaf)
+            out.square().sum().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            for grad in grads:
+                dist.all_reduce(grad, group=group)
+            runs.append((out.detach(), leaf.grad, grads))
+    rewrites = dict(torch._dynamo.utils.counters["inductor_moe"])
+    assert rewrites.get(f"{style}_experts") == 1, f"the block was not rewritten: {rewrites}"
+    (out, grad_x, grads), (expected, expected_grad_x, expected_grads) = runs[1], runs[0]
+    torch.testing.assert_close(out, expected, msg=f"{style}: output")
+    torch.testing.assert_close(grad_x, expected_grad_x, msg=f"{style}: grad of x")
+    for (name, _), grad, expected_grad in zip(model.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, msg=f"{style}: grad of {name}")
+
+
 def _worker(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch._inductor.config.force_disable_caches = True  # every compile runs the passes (as conftest has it)
     try:
         group = dist.group.WORLD
         num_experts = 2 * world
@@ -88,6 +124,9 @@ def _worker(rank: int, world: int, port: int) -> None:
             compiled = torch.compile(expert_parallel.experts, fullgraph=True)  # no graph break at the collectives
             _check(group, num_experts, 5 + 7 * rank, 2, every, seed=5, compiled=compiled)
             _check(group, num_experts, 11, 2, every, seed=6, compiled=compiled)
+
+        for style in ("dense_loop", "masked_loop"):
+            _check_parallelized_block(group, style, num_experts, tokens=3 + 5 * rank)
 
         with pytest.raises(ValueError, match=f"{num_experts + 1} experts cannot be split evenly over {world} ranks"):
             expert_parallel.shard(torch.zeros(num_experts + 1, 3), group)

@@ -16,7 +16,7 @@ from torch.fx import Graph, Node
 from torch.fx.node import map_arg
 from torch.utils._pytree import tree_leaves
 
-from .. import config
+from .. import config, expert_parallel
 from .dispatch import Block
 from .experts import Weight
 from .fx import NoMatch, call, dtype, is_call, require, shape, value, view_source
@@ -46,6 +46,16 @@ class Emitter:
 
     def function(self, target, *args, **kwargs) -> Node:
         return self._add("call_function", target, args, kwargs)
+
+    def opaque(self, example_value, target, *args, **kwargs) -> Node:
+        """A call whose fake value is given: one that cannot run on fake tensors here (collectives
+        with data-dependent splits, traced later by AOTAutograd)."""
+        with self.graph.inserting_before(self.point):
+            node = self.graph.create_node("call_function", target, args, kwargs)
+        self.created.append(node)
+        node.meta.update(self.meta)
+        node.meta["example_value"] = example_value
+        return node
 
     def method(self, name: str, *args, **kwargs) -> Node:
         return self._add("call_method", name, args, kwargs)
@@ -189,13 +199,13 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
             x = emit.method("flatten", emit.function(operator.mul, emit.method("unsqueeze", x, 1), column), 0, 1)
             ids = emit.method("reshape", ids, -1, 1)
             weights = emit.function(torch.ones_like, ids, dtype=torch.float32)
-        op = emit.function(
-            torch.ops.inductor_moe.experts.default,
-            x, ids, weights,
-            _assemble(emit, mlp.w1), _assemble(emit, mlp.w2), _assemble(emit, mlp.b1), _assemble(emit, mlp.b2),
-            act.name, **options,
-        )
-        out = emit.function(operator.getitem, op, 0)
+        stacked = [_assemble(emit, w) for w in (mlp.w1, mlp.w2, mlp.b1, mlp.b2)]
+        if config.expert_parallel is not None:  # expert_parallel.parallelize
+            out = emit.opaque(value(x).new_empty(shape(x)), expert_parallel.experts_of_group, x, ids, weights,
+                              *stacked, act.name, config.expert_parallel, **options)
+        else:
+            out = emit.function(operator.getitem, emit.function(
+                torch.ops.inductor_moe.experts.default, x, ids, weights, *stacked, act.name, **options), 0)
         if block.scaled_input and k > 1:
             out = emit.method("sum", emit.method("unflatten", out, 0, (-1, k)), 1)
         if dtype(out) != dtype(block.result):
