@@ -105,7 +105,7 @@ def _check_parallelized_block(group, style: str, num_experts: int, tokens: int) 
         torch.testing.assert_close(grad, expected_grad, msg=f"{style}: grad of {name}")
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int, port: int, styles: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch._inductor.config.force_disable_caches = True  # every compile runs the passes (as conftest has it)
@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, port: int) -> None:
             _check(group, num_experts, 5 + 7 * rank, 2, every, seed=5, compiled=compiled)
             _check(group, num_experts, 11, 2, every, seed=6, compiled=compiled)
 
-        for style in ("dense_loop", "masked_loop"):
+        for style in styles:
             _check_parallelized_block(group, style, num_experts, tokens=3 + 5 * rank)
 
         with pytest.raises(ValueError, match=f"{num_experts + 1} experts cannot be split evenly over {world} ranks"):
@@ -142,6 +142,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_expert_parallel_matches_one_process(world):
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+# the compiled blocks, the slowest part (4 processes share this machine's 2 cores): both on 2 ranks
+@pytest.mark.parametrize("world, styles", [(2, ("dense_loop", "masked_loop")), (4, ("dense_loop",))])
+def test_expert_parallel_matches_one_process(world, styles):
+    mp.spawn(_worker, args=(world, _free_port(), styles), nprocs=world, join=True)
