@@ -68,8 +68,9 @@ def experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, b1:
     """The ``experts`` op with its experts spread over ``group``: x ``[T, H]``, ids and weights
     ``[T, k]`` (global expert ids), w1 ``[E_local, H, N]``, w2 ``[E_local, I, H]`` and biases this
     rank's experts (``local_experts``); ``options``: the op's (interleaved, alpha, limit, fp8_recipe,
-    ...). Returns ``[T, H]`` in x's dtype. Every rank of the group must call it (T may differ, 0
-    included)."""
+    ...). Returns ``[T, H]`` in x's dtype. Every rank of the group (default: the world) must call
+    it (T may differ, 0 included)."""
+    group = group or dist.group.WORLD
     world = dist.get_world_size(group)
     per_rank = w1.shape[0]
     num_tokens, k = ids.shape
