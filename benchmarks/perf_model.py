@@ -13,8 +13,10 @@ Error is (predicted - measured) / measured. The SVG plots every point, predicted
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
+import math
 import os
 import socket
 import statistics
@@ -143,12 +145,11 @@ def _ep_worker(rank: int, world: int, port: int, out: str) -> None:
         x = torch.randn(tokens, EP_HIDDEN, dtype=torch.bfloat16)
         w1 = torch.randn(experts // world, EP_HIDDEN, 2 * EP_INNER, dtype=torch.bfloat16)
         w2 = torch.randn(experts // world, EP_INNER, EP_HIDDEN, dtype=torch.bfloat16)
-        # skew: rank 0's experts take that share of the pairs over the mean
+        # skew: rank 0's experts get `skew` times the mean share of the pairs (pairs moved to them)
         generator = torch.Generator().manual_seed(rank)
-        favored = torch.rand(tokens, k, generator=generator) < (skew - 1) / (world - 1) * 1.0 if skew > 1 else None
         ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
-        if favored is not None:
-            ids = torch.where(favored, ids % (experts // world), ids)
+        moved = torch.rand(tokens, k, generator=generator) < (skew - 1) / (world - 1)
+        ids = torch.where(moved, ids % (experts // world), ids)
         weights = torch.rand(tokens, k).softmax(-1)
         run = lambda: expert_parallel.experts(x, ids, weights, w1, w2, group=None)  # noqa: E731
         dist.barrier()
@@ -185,8 +186,6 @@ def ep_points(world: int = 2) -> tuple[list[dict], float]:
 
 def svg(points: list[dict], path: str) -> None:
     """Predicted against measured, log-log, a colour per source; the diagonal is a perfect model."""
-    import math
-
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     sources = list(dict.fromkeys(p["source"] for p in points))
     values = [v for p in points for v in (p["predicted_ms"], p["measured_ms"]) if v > 0]
@@ -238,16 +237,10 @@ def main() -> None:
         print(f"  median |error| {statistics.median(errors):.0%}, worst {max(errors):.0%}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**benchmark.environment(), **extra, "h100": dataclass_dict(perf_model.H100), "points": points}, f,
-                      indent=1)
+            json.dump({**benchmark.environment(), **extra, "h100": dataclasses.asdict(perf_model.H100), "points": points},
+                      f, indent=1)
     if args.svg:
         svg(points, args.svg)
-
-
-def dataclass_dict(value) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(value)
 
 
 if __name__ == "__main__":
