@@ -110,7 +110,7 @@ def _cpu_parts(tokens, hidden, inner, experts, k):
         "align": lambda: cpu.sort_by_expert(ids.reshape(-1).long(), experts),
         "up": lambda: cpu.grouped_mm(cpu.gather_rows(x, order // k), w1, offsets),
         "down": lambda: cpu.grouped_mm(a, w2, offsets),
-        "combine": lambda: cpu.unpermute_reduce(y, order, weights, tokens),
+        "combine": lambda: cpu.unpermute_reduce(y, order, weights, tokens, k),
     }
 
 

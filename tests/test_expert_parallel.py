@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import inductor_moe
 from inductor_moe import expert_parallel
 
 HIDDEN, INNER = 16, 8
@@ -108,7 +109,9 @@ def _check_parallelized_block(group, style: str, num_experts: int, tokens: int) 
 def _worker(rank: int, world: int, port: int, styles: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    torch._inductor.config.force_disable_caches = True  # every compile runs the passes (as conftest has it)
+    # as conftest's fixtures have it: every compile runs the passes, CPU tensors run the torch code
+    torch._inductor.config.force_disable_caches = True
+    inductor_moe.config.triton_on_cpu = False
     try:
         group = dist.group.WORLD
         num_experts = 2 * world

@@ -94,6 +94,18 @@ def test_expert_without_tokens_gets_zero_gradient():
     assert w1.grad[0].abs().max() > 0
 
 
+def test_experts_with_no_tokens():
+    """T = 0 (a rank that receives no rows under expert parallelism): an empty output, zero
+    weight gradients."""
+    x, ids, weights, w1, w2, b1, b2 = make_experts(1, 16, 8, 4, 2, Activation("swiglu"), torch.float32)
+    x, ids, weights = x[:0], ids[:0], weights[:0]
+    w1, w2 = (t.detach().requires_grad_() for t in (w1, w2))
+    out = experts_op(x, ids, weights, w1, w2, b1, b2, "swiglu")[0]
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert w1.grad.abs().max() == 0 and w2.grad.abs().max() == 0
+
+
 @pytest.mark.parametrize("aligned", [True, False])
 def test_grouped_mm_paths_agree_with_per_expert_matmul(aligned):
     k = 32 if aligned else 30  # 30 bf16 values per row is not 16-byte aligned: the per-expert loop

@@ -120,7 +120,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def unpermute_reduce(
-    rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | None, num_tokens: int
+    rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | None, num_tokens: int, k: int
 ) -> torch.Tensor:
     """``out[t] = sum_k weights[t, k] * rows[position of pair (t, k)]``, accumulated in float32.
 
@@ -128,7 +128,7 @@ def unpermute_reduce(
     """
     inverse = torch.empty_like(order).index_put((order,), torch.arange(order.shape[0], device=order.device))
     acc = accumulation_dtype(rows.dtype)
-    per_token = gather_rows(rows, inverse).view(num_tokens, -1, rows.shape[-1]).to(acc)
+    per_token = gather_rows(rows, inverse).view(num_tokens, k, rows.shape[-1]).to(acc)  # k given: T may be 0
     if weights is None:
         return per_token.sum(dim=1)
     return torch.bmm(weights.to(acc).unsqueeze(1), per_token).squeeze(1)
@@ -219,7 +219,7 @@ def experts_forward(x, ids, weights, w1, w2, b1, b2, act: Activation, fp8_recipe
     y = fp8_grouped_mm(act.forward(h), w2, offsets, fp8_recipe)
     if b2 is not None:
         y = y + gather_rows(b2, flat_ids[order])
-    out = unpermute_reduce(y, order, weights, num_tokens).to(x.dtype)
+    out = unpermute_reduce(y, order, weights, num_tokens, k).to(x.dtype)
     return out, h if store_h else h.new_empty(0, h.shape[1]), order, offsets
 
 
@@ -249,7 +249,8 @@ def experts_backward(grad_out, x, ids, weights, w1, w2, b1, b2, h, order, offset
     grad_w2 = fp8_grouped_mm_weight_grad(a, grad_y, offsets, stored_out_in(w2), weight_grad_recipe)
     grad_h = act.backward(h, (grad_a * scale).to(h.dtype))
     grad_w1 = fp8_grouped_mm_weight_grad(gather_rows(x, order // k), grad_h, offsets, stored_out_in(w1), weight_grad_recipe)
-    grad_x = unpermute_reduce(fp8_grouped_mm(grad_h, w1.transpose(1, 2), offsets, fp8_recipe), order, None, num_tokens)
+    grad_x = unpermute_reduce(fp8_grouped_mm(grad_h, w1.transpose(1, 2), offsets, fp8_recipe), order, None, num_tokens,
+                              k)
 
     def bias_grad(bias, rows):
         return x.new_empty(0) if bias is None else segment_sum(rows, sorted_ids, num_experts).to(bias.dtype)
