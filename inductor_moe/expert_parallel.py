@@ -84,7 +84,8 @@ def experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, b1:
     received = funcol.wait_tensor(funcol.all_to_all_single(counts, None, None, group))
     send_splits = counts.sum(1).tolist()
     recv_splits = received.sum(1).tolist()
-    rows = funcol.all_to_all_single_autograd(x.index_select(0, order // k), recv_splits, send_splits, group)
+    token = order // k  # each sorted pair's token
+    rows = funcol.all_to_all_single_autograd(x.index_select(0, token), recv_splits, send_splits, group)
     local_ids = torch.arange(per_rank, device=ids.device).repeat(world).repeat_interleave(
         received.reshape(-1), output_size=rows.shape[0])
     ones = rows.new_ones(rows.shape[0], 1, dtype=torch.float32)
@@ -92,7 +93,7 @@ def experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, b1:
     back = funcol.all_to_all_single_autograd(outputs, send_splits, recv_splits, group)
     acc = cpu.accumulation_dtype(x.dtype)
     scaled = back.to(acc) * weights.reshape(-1).index_select(0, order).to(acc)[:, None]
-    return x.new_zeros(num_tokens, x.shape[1], dtype=acc).index_add(0, order // k, scaled).to(x.dtype)
+    return x.new_zeros(num_tokens, x.shape[1], dtype=acc).index_add(0, token, scaled).to(x.dtype)
 
 
 def parallelize(group: dist.ProcessGroup | None = None):

@@ -29,10 +29,9 @@ def _kernel(a, b, offsets, rows=None, activation=None, interleaved=False, alpha=
 
 
 def _vendor(a, b, offsets, rows=None, activation=None, interleaved=False, alpha=1.702, limit=7.0):
-    """The gather and the activation as torch ops (Inductor's kernels) around torch._grouped_mm."""
-    act = activation_of(activation, interleaved, alpha, limit)
-    out = torch._grouped_mm(a if rows is None else a.index_select(0, rows), b, offs=offsets)
-    return out if act is None else act.forward(out)
+    """The torch code: the gather and the activation as torch ops (Inductor's kernels) around
+    torch._grouped_mm (``_vendor_takes``: it takes the operands)."""
+    return cpu.grouped_mm(a, b, offsets, rows, activation_of(activation, interleaved, alpha, limit))
 
 
 def _vendor_takes(a: torch.Tensor, b: torch.Tensor) -> bool:

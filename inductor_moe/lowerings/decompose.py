@@ -119,7 +119,7 @@ def _experts(match: Match, *args, **kwargs):
     impl = implementation.of(_value(a["x"]))
     act, recipe, store_h = _activation(a), a["fp8_recipe"], a["store_h"]
     tensors = [a[name] for name in ("x", "ids", "weights", "w1", "w2", "b1", "b2")]
-    # under max-autotune the down projection stays a grouped_mm op: Inductor times it (lowerings/autotune.py)
+    # under max-autotune the GEMMs without bias or FP8 stay grouped_mm ops: Inductor times them (lowerings/autotune.py)
     with grouped_mm.choosing() if inductor_config.max_autotune else contextlib.nullcontext():
         match.replace_by_example(lambda *t: impl.experts_forward(*t, act, recipe, store_h), tensors,
                                  trace_fn=_tracer(impl))

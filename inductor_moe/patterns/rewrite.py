@@ -31,17 +31,19 @@ class Emitter:
         self.meta = {key: like.meta[key] for key in ("stack_trace", "nn_module_stack") if key in like.meta}
         self.created: list[Node] = []
 
-    def _add(self, op: str, target, args: tuple, kwargs: dict) -> Node:
+    def _add(self, op: str, target, args: tuple, kwargs: dict, example_value=None) -> Node:
         with self.graph.inserting_before(self.point):
             node = self.graph.create_node(op, target, args, kwargs)
         self.created.append(node)
         node.meta.update(self.meta)
-        fake_args, fake_kwargs = map_arg((args, kwargs), value)
-        # the mode of dynamo's example values, not the TracingContext's (AOT's, in late pre-grad passes)
-        mode = next((v.fake_mode for v in tree_leaves((fake_args, fake_kwargs)) if isinstance(v, FakeTensor)), None)
-        with mode or contextlib.nullcontext():
-            fn = target if op == "call_function" else getattr(type(fake_args[0]), target)
-            node.meta["example_value"] = fn(*fake_args, **fake_kwargs)
+        if example_value is None:
+            fake_args, fake_kwargs = map_arg((args, kwargs), value)
+            # the mode of dynamo's example values, not the TracingContext's (AOT's, in late pre-grad passes)
+            mode = next((v.fake_mode for v in tree_leaves((fake_args, fake_kwargs)) if isinstance(v, FakeTensor)), None)
+            with mode or contextlib.nullcontext():
+                fn = target if op == "call_function" else getattr(type(fake_args[0]), target)
+                example_value = fn(*fake_args, **fake_kwargs)
+        node.meta["example_value"] = example_value
         return node
 
     def function(self, target, *args, **kwargs) -> Node:
@@ -50,12 +52,7 @@ class Emitter:
     def opaque(self, example_value, target, *args, **kwargs) -> Node:
         """A call whose fake value is given: one that cannot run on fake tensors here (collectives
         with data-dependent splits, traced later by AOTAutograd)."""
-        with self.graph.inserting_before(self.point):
-            node = self.graph.create_node("call_function", target, args, kwargs)
-        self.created.append(node)
-        node.meta.update(self.meta)
-        node.meta["example_value"] = example_value
-        return node
+        return self._add("call_function", target, args, kwargs, example_value)
 
     def method(self, name: str, *args, **kwargs) -> Node:
         return self._add("call_method", name, args, kwargs)
