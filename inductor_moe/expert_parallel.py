@@ -63,6 +63,14 @@ def _check_shapes(shape: tuple[int, ...], group) -> None:
                          f"{dict(zip(_SHAPE_FIELDS, shape, strict=True))}, rank(s) {theirs}")
 
 
+def received_expert_ids(received: Tensor, num_rows) -> Tensor:
+    """The local expert of each received row, ``[num_rows, 1]``: the rows come by source rank, then
+    local expert, ``received[s, e]`` rows from rank s for expert e (the all-to-all's layout)."""
+    sources, per_rank = received.shape
+    return torch.arange(per_rank, device=received.device).repeat(sources).repeat_interleave(
+        received.reshape(-1), output_size=num_rows)[:, None]
+
+
 def experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None,
             b2: Tensor | None = None, activation: str = "swiglu", group: dist.ProcessGroup | None = None,
             **options) -> Tensor:
@@ -86,10 +94,9 @@ def experts(x: Tensor, ids: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, b1:
     recv_splits = received.sum(1).tolist()
     token = order // k  # each sorted pair's token
     rows = funcol.all_to_all_single_autograd(x.index_select(0, token), recv_splits, send_splits, group)
-    local_ids = torch.arange(per_rank, device=ids.device).repeat(world).repeat_interleave(
-        received.reshape(-1), output_size=rows.shape[0])
+    local_ids = received_expert_ids(received, rows.shape[0])
     ones = rows.new_ones(rows.shape[0], 1, dtype=torch.float32)
-    outputs = torch.ops.inductor_moe.experts(rows, local_ids[:, None], ones, w1, w2, b1, b2, activation, **options)[0]
+    outputs = torch.ops.inductor_moe.experts(rows, local_ids, ones, w1, w2, b1, b2, activation, **options)[0]
     back = funcol.all_to_all_single_autograd(outputs, send_splits, recv_splits, group)
     acc = cpu.accumulation_dtype(x.dtype)
     scaled = back.to(acc) * weights.reshape(-1).index_select(0, order).to(acc)[:, None]

@@ -280,19 +280,25 @@ def transformers_model(family: str, experts_implementation: str, cfg: MoEConfig,
 
 
 def torchtitan_moe(cfg: MoEConfig, scoring: str = "softmax", groups: tuple[int, int] | None = None,
-                   scale: float = 1.0) -> nn.Module:
+                   scale: float = 1.0, ep_mesh=None) -> nn.Module:
     """torchtitan's MoE layer (token-choice router, expert-sorted rows, ``torch._grouped_mm``,
-    scatter-add) with random weights; ``groups`` = (n_group, topk_group). Needs ``torchtitan``."""
+    scatter-add) with random weights; ``groups`` = (n_group, topk_group). Needs ``torchtitan``.
+
+    With ``ep_mesh`` (a 1-D DeviceMesh) it is expert-parallel as torchtitan shards it: the expert
+    weights DTensors sharded by expert over the mesh, tokens exchanged by its all-to-all dispatcher
+    (torchtitan's DTensor SPMD backend is switched on for that). The same seed gives the same full
+    weights either way."""
     from torchtitan.models.common.linear import Linear
     from torchtitan.models.common.moe import MoE, GroupedExperts, RoutedExperts, TokenChoiceTopKRouter
-    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+    from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher, LocalTokenDispatcher
 
     n_group, topk_group = groups or (None, None)
+    dispatcher = LocalTokenDispatcher if ep_mesh is None else AllToAllTokenDispatcher
     model = MoE.Config(
         num_experts=cfg.num_experts,
         routed_experts=RoutedExperts.Config(
             inner_experts=GroupedExperts.Config(dim=cfg.hidden, hidden_dim=cfg.intermediate, num_experts=cfg.num_experts),
-            token_dispatcher=LocalTokenDispatcher.Config(num_experts=cfg.num_experts, top_k=cfg.top_k),
+            token_dispatcher=dispatcher.Config(num_experts=cfg.num_experts, top_k=cfg.top_k),
         ),
         router=TokenChoiceTopKRouter.Config(
             num_experts=cfg.num_experts, gate=Linear.Config(in_features=cfg.hidden, out_features=cfg.num_experts),
@@ -304,6 +310,15 @@ def torchtitan_moe(cfg: MoEConfig, scoring: str = "softmax", groups: tuple[int, 
         nn.init.normal_(tensor, std=tensor.shape[-1] ** -0.5)
     if model.expert_bias_E is not None:  # the load-balancing bias an optimizer hook would have learned
         model.expert_bias_E.normal_(std=0.1)
+    if ep_mesh is not None:
+        from torch.distributed.tensor import Shard, distribute_tensor
+        from torchtitan.distributed.utils import set_spmd_backend
+
+        set_spmd_backend("dtensor")  # its default needs torchtitan's own trainer to set meshes up
+        experts = model.routed_experts.inner_experts
+        for name, weight in list(experts.named_parameters()):
+            setattr(experts, name, nn.Parameter(distribute_tensor(weight.detach(), ep_mesh, [Shard(0)])))
+        model.routed_experts.token_dispatcher.wire_meshes(ep_mesh=ep_mesh)
     return model
 
 

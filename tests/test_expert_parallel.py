@@ -2,7 +2,9 @@
 rank's tokens through experts spread over the ranks against the single-process experts op with all
 the experts, forward and every gradient, eager and compiled; uneven and empty splits, an expert
 with no tokens, a rank with no tokens, T = 1; clear errors for experts not divisible by the world
-and for ranks that disagree on shapes."""
+and for ranks that disagree on shapes. torchtitan's expert-parallel layer (DTensor-sharded experts,
+its all-to-all dispatcher) compiled with its local experts rewritten, against one process; that
+local part alone on one process, with near misses left alone."""
 
 import datetime
 import os
@@ -12,6 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from helpers import assert_close, rewrites
+from torch import nn
 
 import inductor_moe
 from inductor_moe import expert_parallel
@@ -106,6 +111,50 @@ def _check_parallelized_block(group, style: str, num_experts: int, tokens: int) 
         torch.testing.assert_close(grad, expected_grad, msg=f"{style}: grad of {name}")
 
 
+def _check_torchtitan(group, tokens: int, skewed: bool) -> None:
+    """torchtitan's expert-parallel MoE layer (DTensor-sharded experts, all-to-all dispatcher),
+    compiled: each rank's experts rewritten, output and gradients as the layer on one process with
+    every expert. ``skewed``: every token chooses experts 0 and 1, all on rank 0 (the other ranks
+    receive nothing)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from inductor_moe import models
+
+    world = dist.get_world_size(group)
+    cfg = models.MoEConfig(hidden=4 * HIDDEN, intermediate=2 * INNER, num_experts=2 * world, top_k=2)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    layers = []
+    for ep_mesh in (mesh, None):
+        torch.manual_seed(7)  # the same full weights on every rank and in both layers
+        layer = models.torchtitan_moe(cfg, ep_mesh=ep_mesh).bfloat16()
+        if skewed:
+            layer.expert_bias_E[:2] += 10.0
+        layers.append(layer)
+    parallel, single = layers
+    x = torch.randn(1, tokens, cfg.hidden, generator=torch.Generator().manual_seed(dist.get_rank(group)))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(parallel, fullgraph=True)
+        runs = []
+        for fn in (compiled, single):
+            leaf = x.bfloat16().requires_grad_()
+            out = fn(leaf)
+            out.float().square().sum().backward()
+            runs.append((out.detach(), leaf.grad, {n: p.grad for n, p in fn.named_parameters()}))
+    rewrites = dict(torch._dynamo.utils.counters["inductor_moe"])
+    assert rewrites.get("received_grouped_mm_experts") == 1, f"the local experts were not rewritten: {rewrites}"
+    (out, grad_x, grads), (expected, expected_grad_x, expected_grads) = runs
+    assert_close(out, expected, torch.bfloat16, "torchtitan EP: output")
+    assert_close(grad_x, expected_grad_x, torch.bfloat16, "torchtitan EP: grad of x")
+    for name, grad in grads.items():
+        expected_grad = expected_grads[name.removeprefix("_orig_mod.")]
+        if isinstance(grad, torch.distributed.tensor.DTensor):  # this rank's experts, every rank's tokens
+            dist.all_reduce(expected_grad, group=group)
+            expected_grad, grad = expert_parallel.shard(expected_grad, group), grad.to_local()
+        assert_close(grad, expected_grad, torch.bfloat16, f"torchtitan EP: grad of {name}")
+
+
 def _worker(rank: int, world: int, port: int, styles: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -130,6 +179,8 @@ def _worker(rank: int, world: int, port: int, styles: tuple) -> None:
 
         for style in styles:
             _check_parallelized_block(group, style, num_experts, tokens=3 + 5 * rank)
+        _check_torchtitan(group, tokens=5 + 3 * rank, skewed=False)
+        _check_torchtitan(group, tokens=4, skewed=True)
 
         with pytest.raises(ValueError, match=f"{num_experts + 1} experts cannot be split evenly over {world} ranks"):
             expert_parallel.shard(torch.zeros(num_experts + 1, 3), group)
@@ -143,6 +194,71 @@ def _worker(rank: int, world: int, port: int, styles: tuple) -> None:
                                     group=group)
     finally:
         dist.destroy_process_group()
+
+
+class ReceivedExperts(nn.Module):
+    """One rank's experts as torchtitan's all-to-all dispatcher runs them: rows that came by source
+    rank, then local expert (``counts[r, e]`` of each), regrouped expert-major, a SwiGLU grouped MLP,
+    put back in the order they came. ``variant`` spells near misses that must be left alone."""
+
+    def __init__(self, per_rank: int, variant: str = "torchtitan"):
+        super().__init__()
+        self.variant = variant
+        self.w1, self.w3 = (nn.Parameter(torch.randn(per_rank, INNER, HIDDEN) * HIDDEN**-0.5) for _ in range(2))
+        self.w2 = nn.Parameter(torch.randn(per_rank, HIDDEN, INNER) * INNER**-0.5)
+
+    def forward(self, rows, counts):
+        ranks, per_rank = counts.shape
+        flat = counts.reshape(-1)
+        starts = (flat.cumsum(0) - flat).view(ranks, per_rank)
+        lens, starts = counts.t().reshape(-1), starts.t().reshape(-1)
+        if self.variant == "rank_major":  # segments placed where they are: the rows stay grouped by rank
+            lens, starts = flat, starts.view(per_rank, ranks).t().reshape(-1)
+        segment = torch.arange(lens.shape[0]).repeat_interleave(lens, output_size=rows.shape[0])
+        order = starts[segment] + torch.arange(rows.shape[0]) - (lens.cumsum(0) - lens)[segment]
+        grouped = rows[order]
+        offsets = torch.cumsum(counts.sum(0), dim=0, dtype=torch.int32)
+        h = F.silu(torch._grouped_mm(grouped, self.w1.transpose(1, 2), offs=offsets))
+        h = h * torch._grouped_mm(grouped, self.w3.transpose(1, 2), offs=offsets)
+        out = torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offsets)
+        back = out.new_empty(rows.shape)
+        back[order.flip(0) if self.variant == "put_back_reversed" else order] = out
+        return back
+
+
+def _received(ranks: int, per_rank: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 4, (ranks, per_rank), generator=generator)
+    counts[0, -1] = 0  # a source that sends an expert nothing
+    rows = torch.randn(int(counts.sum()), HIDDEN, generator=generator).bfloat16()
+    return rows, counts
+
+
+def test_received_rows_become_the_experts_op():
+    """The local part alone, on one process: rewritten, and as eager, output and gradients."""
+    model = ReceivedExperts(per_rank=3).bfloat16()
+    compiled = torch.compile(model, dynamic=True)
+    for seed in range(2):  # the counts, and so the regrouping, differ per step
+        rows, counts = _received(ranks=2, per_rank=3, seed=seed)
+        runs = []
+        for fn in (model, compiled):
+            leaf = rows.clone().requires_grad_()
+            out = fn(leaf, counts)
+            out.float().square().sum().backward()
+            runs.append([out.detach(), leaf.grad, *(p.grad for p in model.parameters())])
+            model.zero_grad()
+        for name, actual, expected in zip(("output", "grad of rows", "w1", "w3", "w2"), *runs[::-1]):
+            assert_close(actual, expected, torch.bfloat16, name)
+    assert rewrites() == {"received_grouped_mm_experts": 1}
+
+
+@pytest.mark.parametrize("variant", ["rank_major", "put_back_reversed"])
+def test_received_rows_near_misses_are_left_alone(variant):
+    model = ReceivedExperts(per_rank=3, variant=variant).bfloat16()
+    rows, counts = _received(ranks=2, per_rank=3, seed=0)
+    report = inductor_moe.explain(model, rows, counts)
+    assert report.rewritten == [] and report.left_alone, str(report)
+    assert_close(torch.compile(model)(rows, counts), model(rows, counts), torch.bfloat16, variant)
 
 
 # the compiled blocks, the slowest part (4 processes share this machine's 2 cores): both on 2 ranks

@@ -19,7 +19,7 @@ from .fx import call, dtype, expect, is_call, is_last_dim, require, same_shape, 
 
 def single_user(node: Node, what: str) -> Node:
     """The one reader of node's values (``empty_like(node)`` and the like read only its shape)."""
-    users = [u for u in node.users if not is_call(u, "empty_like", "zeros_like")]
+    users = [u for u in node.users if not is_call(u, "empty_like", "zeros_like", "new_empty", "new_zeros")]
     require(len(users) == 1, f"{what} has {len(users)} uses, expected one")
     return users[0]
 
@@ -139,7 +139,7 @@ def _inverse_permutation(inverse: Node, perm: Node) -> set:
     return {inverse, writes[0], positions}
 
 
-def _unpermuted(rows: Node, use: Node, perm: Node) -> tuple[Node, set] | None:
+def unpermuted(rows: Node, use: Node, perm: Node) -> tuple[Node, set] | None:
     """(rows in pair order, nodes) where ``use`` puts rows (in ``perm``'s order) back in pair
     order: ``rows[inverse(perm)]``, ``out = empty_like(rows); out[perm] = rows`` or
     ``zeros_like(rows).index_copy(0, perm, rows)``; None if ``use`` is none of them."""
@@ -149,7 +149,8 @@ def _unpermuted(rows: Node, use: Node, perm: Node) -> tuple[Node, set] | None:
         return use, _inverse_permutation(c["index"], perm) | {use}
     if c.name == "setitem" and c["value"] is rows:
         target = c["input"]
-        require(c["index"] is perm and is_call(target, "empty_like", "zeros_like") and call(target)["input"] is rows,
+        require(_row_key(c["index"]) is perm and is_call(target, "empty_like", "zeros_like", "new_empty", "new_zeros")
+                and call(target)["input"] is rows and same_shape(shape(target), shape(rows)),
                 f"{use} writes the rows to {c['index']}, not back by their order {perm}")
         readers = [u for u in target.users if u is not use]
         require(len(readers) == 1, f"{target} is read {len(readers)} times after the rows are written back")
@@ -159,6 +160,13 @@ def _unpermuted(rows: Node, use: Node, perm: Node) -> tuple[Node, set] | None:
                 f"{use} does not copy the rows back by their order {perm}")
         return use, {use, c["input"]}
     return None
+
+
+def _row_key(index: object) -> object:
+    """``i`` for the row index ``t[i]`` or ``t[i, :]`` (``t[i, ...]``)."""
+    if isinstance(index, tuple) and len(index) == 2 and index[1] in (slice(None), Ellipsis):
+        return index[0]
+    return index
 
 
 def unpermute_sum(rows: Node, perm: Node, is_token_index: Callable[[Node], bool], num_tokens, k: int):
@@ -183,10 +191,10 @@ def unpermute_sum(rows: Node, perm: Node, is_token_index: Callable[[Node], bool]
         )
         nodes = {use, zeros} | ({c["index"], call(c["index"])["input"]} if c.name == "scatter_add" else set())
         return use, ((zeros,) if c.inplace else ()), nodes, None
-    found = _unpermuted(rows, use, perm)
+    found = unpermuted(rows, use, perm)
     require(found is not None, f"{use} does not put the rows back in pair order")
-    unpermuted, nodes = found
-    total, weights, sum_nodes = sum_token_rows(unpermuted, num_tokens, k)
+    in_pair_order, nodes = found
+    total, weights, sum_nodes = sum_token_rows(in_pair_order, num_tokens, k)
     return total, (), nodes | sum_nodes, weights
 
 

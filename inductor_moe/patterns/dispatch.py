@@ -13,6 +13,9 @@ a near miss must be left alone. Styles:
     gathered_bmm        expert weights gathered per pair, bmm (HF batched_mm)
     dense_loop          every expert on every token, weighted by a [T, E] matrix zero off the top-k
     masked_loop         for e: torch.where(mask[e]), expert e on those rows, index_add_ back
+    received_grouped_mm rows an all-to-all brought, by source rank then local expert, regrouped
+                        expert-major for torch._grouped_mm and put back (torchtitan's expert
+                        parallelism): the experts of one rank
     dense_bmm           every expert on every token at once (bmm over [E, T, H]), weighted by that
                         matrix after the experts or, with bias-free experts, before them (Llama 4)
 """
@@ -27,7 +30,8 @@ from torch.fx import Node
 from . import combine
 from .experts import ExpertMLP, Projection, Weight, biased, linear_projection, match_mlp, skip_noop_casts, with_bias
 from .fx import (
-    NoMatch, call, expect, getitem_users, is_call, is_last_dim, require, same_shape, same_size, scattered_constant, shape,
+    NoMatch, call, dtype, expect, getitem_users, is_call, is_last_dim, require, same_shape, same_size, scattered_constant,
+    shape,
 )
 
 
@@ -35,14 +39,17 @@ from .fx import (
 class Block:
     pattern: str
     x: Node  # [T, H] token rows
-    ids: Node  # [T, k] expert ids
-    weights: Node  # [T, k] routing weights
+    ids: Node | None  # [T, k] expert ids
+    weights: Node | None  # [T, k] routing weights
     mlp: ExpertMLP
     result: Node  # the combined [T, H] value
     accumulators: tuple  # zero tensors updated in place into the result: later reads see it too
     nodes: set  # the block's nodes, erased once nothing else uses them
     shareable: set  # routing metadata that other code may keep using
     scaled_input: bool = False  # the weights scale each expert's input, not its output (Llama 4)
+    # rows received by source rank then local expert, [ranks, local experts] counts of them (expert
+    # parallelism): the ids are each row's local expert and the weights 1, both made from these
+    received: Node | None = None
 
     def __post_init__(self):
         self.nodes, self.shareable = set(self.nodes), set(self.shareable)
@@ -368,6 +375,8 @@ def sorted_grouped_mm(anchor: Node) -> Block | None:
     out = with_bias(anchor)
     mlp = match_mlp(out, functools.partial(_grouped_projection, groups=groups))
     x, token_of_row, gather_nodes = _gathered(mlp.input, "expert input rows")
+    if is_call(token_of_row, "add", "sub"):
+        return None  # rows regrouped by segment positions: received_grouped_mm's
     perm, divisor, token_nodes = _row_tokens(token_of_row)
     flat_ids, sort, perm_nodes = _sort_permutation(perm)
     ids = _flat(flat_ids, "expert ids")
@@ -404,6 +413,132 @@ def sorted_grouped_mm(anchor: Node) -> Block | None:
         "sorted_grouped_mm_experts", x, ids, weights, mlp, result, accumulators,
         nodes=metadata | mlp.nodes | gather_nodes | {mlp.input} | scale_nodes | weight_nodes | combine_nodes,
         shareable=metadata,
+    )
+
+
+# --- rows received from other ranks (expert parallelism) -----------------------------------------
+
+
+def _column_counts(groups) -> tuple[Node, set] | None:
+    """(m, nodes) for grouped_mm offsets ``cumsum(m.sum(0))`` (cast to int32) of a 2-D count matrix
+    ``m``: rows received by source rank and local expert, grouped by expert; None otherwise."""
+    node, nodes = groups, set()
+    if is_call(node, "to"):
+        nodes.add(node)
+        node = call(node)["input"]
+    c = call(node)
+    if c is None or c.name != "cumsum" or c["dim"] not in (0, -1) or not is_call(c["input"], "sum"):
+        return None
+    counts = call(c["input"])
+    if counts["dim"] not in (0, (0,), [0]) or counts["keepdim"] or len(shape(counts["input"])) != 2:
+        return None
+    num_experts = shape(counts["input"])[1]
+    try:
+        if _counts_of(counts.node, num_experts) is not None or _routing_map_counts(counts.node, num_experts) is not None:
+            return None  # one_hot(ids).sum(0), a routing map's sum: counts of ids, sorted_grouped_mm's
+    except NoMatch:
+        return None
+    return counts["input"], nodes | {node, counts.node}
+
+
+def _signed_terms(node: Node, sign: int = 1) -> tuple[list, set]:
+    """([(sign, term)], nodes) of a sum ``a + b - c ...`` in any grouping."""
+    c = call(node)
+    if c is None or c.name not in ("add", "sub") or c.inplace or c["alpha"] != 1 or not isinstance(c["other"], Node):
+        return [(sign, node)], set()
+    left, left_nodes = _signed_terms(c["input"], sign)
+    right, right_nodes = _signed_terms(c["other"], sign if c.name == "add" else -sign)
+    return left + right, left_nodes | right_nodes | {node}
+
+
+def _starts(node: Node) -> tuple[Node, set]:
+    """(v, nodes) for where each segment of lengths v starts: ``v.cumsum(0) - v``."""
+    c = expect(node, "sub", what="segment starts")
+    total = call(c["input"])
+    require(total is not None and total.name == "cumsum" and total["input"] is c["other"] and total["dim"] in (0, -1)
+            and c["alpha"] == 1 and len(shape(node)) == 1, f"{node} is not where segments start (cumsum(v) - v)")
+    return c["other"], {node, c["input"]}
+
+
+def _transposed_flat(node: Node, what: str) -> tuple[Node, set]:
+    """(m, nodes) for ``m.transpose(0, 1).reshape(-1)`` of a 2-D m: m's columns one after another."""
+    flat = expect(node, "reshape", what=what)
+    require(len(shape(node)) == 1, f"{what} {node} is not flat")
+    t = expect(flat["input"], "transpose", what=what)
+    require((t["dim0"], t["dim1"]) in ((0, 1), (1, 0)) and len(shape(t["input"])) == 2, f"{what} {node} is no matrix's columns")
+    return t["input"], {node, t.node}
+
+
+def _regrouped_by_expert(perm: Node) -> tuple[Node, set]:
+    """(m, nodes) if ``perm`` reorders rows that come in segments of ``m[r, e]`` rows, rank-major
+    (r, then e), into expert-major order (e, then r): torchtitan's ``_permute``,
+
+        lens = m.t().reshape(-1);  seg = arange(len(lens)).repeat_interleave(lens)
+        perm = starts_in.t().reshape(-1)[seg] + arange(n) - (cumsum(lens) - lens)[seg]
+
+    with ``starts_in`` where each rank-major segment starts, laid out as m."""
+    terms, nodes = _signed_terms(perm)
+    positive = [t for sign, t in terms if sign > 0]
+    negative = [t for sign, t in terms if sign < 0]
+    require(len(positive) == 2 and len(negative) == 1, f"row order {perm} is no sum of segment positions")
+    offsets = [t for t in positive if is_call(t, "arange")]
+    require(len(offsets) == 1 and len(call(offsets[0])["args"]) == 1 and same_shape(shape(offsets[0]), shape(perm)),
+            f"row order {perm} does not count the rows from 0")
+    (start_in,) = [t for t in positive if t is not offsets[0]]
+    starts_in, seg, in_nodes = _gathered(start_in, "segment starts")
+    starts_out, seg_out, out_nodes = _gathered(negative[0], "segment starts")
+    require(seg is seg_out, f"row order {perm} reads its segments twice, differently")
+    rep = expect(seg, "repeat_interleave", what="segment of each row")
+    count = call(rep["input"])
+    require(count is not None and count.name == "arange" and len(count["args"]) == 1 and rep["dim"] in (0, None)
+            and same_shape(shape(rep["input"]), shape(rep["repeats"])), f"{seg} does not number the segments")
+    lens, start_nodes = _starts(starts_out)
+    require(lens is rep["repeats"], f"row order {perm} places segments by other lengths than {lens}")
+    matrix, lens_nodes = _transposed_flat(lens, "segment lengths")
+    laid_out, starts_nodes = _transposed_flat(starts_in, "segment starts")
+    reshaped = expect(laid_out, "reshape", what="segment starts")
+    flat, flat_starts = _starts(reshaped["input"])
+    require(same_shape(shape(laid_out), shape(matrix)) and _unflattened(flat) is matrix,
+            f"row order {perm} takes its segments from other counts than {matrix}")
+    return matrix, (nodes | {offsets[0]} | in_nodes | out_nodes | {seg, rep["input"]} | start_nodes | lens_nodes
+                    | starts_nodes | {laid_out} | flat_starts | {flat})
+
+
+def received_grouped_mm(anchor: Node) -> Block | None:
+    """The experts of one rank in expert parallelism (torchtitan's all-to-all dispatch): rows that
+    came by source rank then local expert (``m[r, e]`` of each), regrouped expert-major for a grouped
+    MLP and put back. It becomes the experts op on the rows as they came, each with its local expert
+    as id and weight 1: its own sort replaces the regrouping copy. Sound whatever the rows are: the
+    ids and the original's groups are both read from m."""
+    groups = _groups(anchor)
+    if groups is None or isinstance(groups, tuple) or (found := _column_counts(groups)) is None:
+        return None
+    if _feeds(anchor, lambda n: _groups(n) is not None):
+        return None
+    matrix, offset_nodes = found
+    out = with_bias(anchor)
+    mlp = match_mlp(out, functools.partial(_grouped_projection, groups=groups))
+    received, perm, gather_nodes = _gathered(mlp.input, "expert input rows")
+    if not is_call(perm, "add", "sub"):
+        return None  # rows of tokens (sorted_grouped_mm's)
+    found_matrix, order_nodes = _regrouped_by_expert(perm)
+    require(found_matrix is matrix, f"the rows are grouped by {matrix}, regrouped by {found_matrix}")
+    require(same_size(shape(matrix)[1], _stacked_experts(mlp.w1)), f"{matrix} counts rows of other experts than the weights'")
+    require(mlp.row_scale is None, "the received rows are scaled inside the experts")
+    require(not mlp.bias_indices, "the experts' biases are gathered per row")
+    result, casts = out, set()
+    while len(result.users) == 1 and is_call(user := next(iter(result.users)), "to") and dtype(user) == dtype(result):
+        casts.add(user)
+        result = user
+    use = combine.single_user(result, "the expert rows")
+    back = combine.unpermuted(result, use, perm)
+    require(back is not None, f"{use} does not put the expert rows back in the order they came")
+    unpermuted, back_nodes = back
+    metadata = offset_nodes | order_nodes
+    return Block(
+        "received_grouped_mm_experts", received, None, None, mlp, unpermuted, (),
+        nodes=metadata | mlp.nodes | gather_nodes | {mlp.input} | casts | back_nodes, shareable=metadata,
+        received=matrix,
     )
 
 
@@ -952,6 +1087,7 @@ def dense_bmm(anchor: Node) -> Block | None:
 
 MATCHERS = {
     "sorted_grouped_mm_experts": sorted_grouped_mm,
+    "received_grouped_mm_experts": received_grouped_mm,
     "gathered_bmm_experts": gathered_bmm,
     "dense_loop_experts": dense_loop,
     "masked_loop_experts": masked_loop,

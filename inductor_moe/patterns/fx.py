@@ -51,6 +51,7 @@ _TABLE = [
     ("floordiv", "input, other", operator.floordiv, torch.floor_divide, ".floor_divide"),
     ("mul", "input, other", operator.mul, operator.imul, torch.mul, ".mul", ".mul_"),
     ("add", "input, other, alpha=1", operator.add, operator.iadd, torch.add, ".add", ".add_"),
+    ("sub", "input, other, alpha=1", operator.sub, operator.isub, torch.sub, ".sub", ".sub_"),
     ("masked_fill", "input, mask, value", torch.masked_fill, ".masked_fill", ".masked_fill_"),
     ("clamp", "input, min=None, max=None", torch.clamp, ".clamp", ".clamp_"),
     ("invert", "input", operator.invert, torch.logical_not, ".logical_not"),
@@ -109,6 +110,8 @@ _TABLE = [
      "memory_format=None", torch.zeros_like),
     ("new_zeros", "input, *size, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False",
      ".new_zeros"),
+    ("new_empty", "input, *size, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False",
+     ".new_empty"),
     ("ones_like", "input, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False, "
      "memory_format=None", torch.ones_like),
     ("empty_like", "input, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False, "
@@ -125,7 +128,7 @@ _TABLE = [
     ("sigmoid", "input", torch.sigmoid, ".sigmoid"),
     ("sigmoid", "input", F.sigmoid),
 ]
-_INPLACE = {operator.itruediv, operator.imul, operator.iadd, operator.setitem, torch.index_put_}
+_INPLACE = {operator.itruediv, operator.imul, operator.iadd, operator.isub, operator.setitem, torch.index_put_}
 
 _FUNCTIONS: dict = {}
 _METHODS: dict = {}

@@ -95,6 +95,8 @@ def rewrite_moe(graph: Graph) -> None:
     """Rewrite every MoE block and router in ``graph`` into canonical ops."""
     if config.fp8 not in (None, *fp8.RECIPES):  # a typo must not silently leave the model unquantized
         raise ValueError(f"inductor_moe.config.fp8 must be None or one of {list(fp8.RECIPES)}, got {config.fp8!r}")
+    if not any("example_value" in node.meta for node in graph.nodes):
+        return  # no dynamo graph: an exported program's ATen (inductor_moe.export rewrote it before)
     normalize.normalize(graph)
     routers_left_alone = set()
     for name, (matcher, rewrite_block) in PATTERNS.items():

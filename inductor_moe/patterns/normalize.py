@@ -507,12 +507,13 @@ def canonicalize(graph: Graph) -> None:
 
 # operations whose result owns new memory, never an alias of an input
 _ALLOCATING = {
-    "linear", "matmul", "bmm", "grouped_mm", "softmax", "topk", "sum", "div", "floordiv", "mul", "add", "eq",
+    "linear", "matmul", "bmm", "grouped_mm", "softmax", "topk", "sum", "div", "floordiv", "mul", "add", "sub", "eq",
     "sort", "argsort", "histc", "bincount", "cumsum", "index_select", "index_add", "scatter", "one_hot",
-    "repeat_interleave", "zeros", "zeros_like", "new_zeros", "ones_like", "empty_like", "arange", "scatter_add", "silu", "gelu", "relu",
+    "repeat_interleave", "zeros", "zeros_like", "new_zeros", "new_empty", "ones_like", "empty_like", "arange", "scatter_add", "silu", "gelu", "relu",
     "sigmoid", "gather", "masked_fill", "clamp", "cat", "stack", "full_like", "new_full",
 }
-_FUNCTIONAL_OPERATORS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.itruediv: operator.truediv}
+_FUNCTIONAL_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                         operator.itruediv: operator.truediv}
 
 
 def _owned(node: Node) -> bool:

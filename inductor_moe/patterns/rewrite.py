@@ -190,6 +190,9 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
 
     def build(emit: Emitter) -> dict:
         x, ids, weights = block.x, block.ids, block.weights
+        if block.received is not None:  # one slot per row, its local expert, weight 1
+            ids = emit.function(expert_parallel.received_expert_ids, block.received, emit.method("size", x, 0))
+            weights = emit.function(torch.ones_like, ids, dtype=torch.float32)
         if block.scaled_input:  # sum_j expert_j(w_j x): each (token, slot) pair a row of its own, weight 1
             k = shape(ids)[1]
             column = emit.method("to", emit.method("unsqueeze", weights, -1), dtype(x))
@@ -197,7 +200,7 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
             ids = emit.method("reshape", ids, -1, 1)
             weights = emit.function(torch.ones_like, ids, dtype=torch.float32)
         stacked = [_assemble(emit, w) for w in (mlp.w1, mlp.w2, mlp.b1, mlp.b2)]
-        if config.expert_parallel is not None:  # expert_parallel.parallelize
+        if config.expert_parallel is not None and block.received is None:  # expert_parallel.parallelize
             out = emit.opaque(value(x).new_empty(shape(x)), expert_parallel.experts_of_group, x, ids, weights,
                               *stacked, act.name, config.expert_parallel, **options)
         else:
@@ -209,7 +212,7 @@ def rewrite_experts(graph: Graph, block: Block) -> bool:
             out = emit.method("to", out, dtype(block.result))
         return {old: out for old in outputs}
 
-    inputs = [block.x, block.ids, block.weights, *weights]
+    inputs = [n for n in (block.x, block.ids, block.weights, block.received) if n is not None] + weights
     return _rewrite(graph, block.nodes, outputs, block.shareable, inputs, build)
 
 
