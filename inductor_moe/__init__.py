@@ -6,12 +6,15 @@
 Importing the package registers the canonical ops (``torch.ops.inductor_moe.*``) and chains its
 graph passes onto Inductor's config (see ``passes``). ``inductor_moe.config`` holds the knobs; every rewrite
 counts in ``torch._dynamo.utils.counters["inductor_moe"]`` and is logged (logger ``inductor_moe``,
-``TORCH_LOGS=inductor_moe``); ``inductor_moe.explain(model, *inputs)`` reports every decision.
+``TORCH_LOGS=inductor_moe``); ``inductor_moe.explain(model, *inputs)`` reports every decision;
+``inductor_moe.export`` is ``torch.export.export`` with the blocks rewritten (for AOTInductor;
+``inductor_moe.for_executorch`` then prepares such a program for ExecuTorch).
 """
 
 import torch._logging._internal
 
 from . import config, lowerings, ops  # noqa: F401
+from .deploy import export, for_executorch
 from .explain import explain
 from .passes import install
 
@@ -22,4 +25,4 @@ install()
 # here would give every torch logger a second handler, and every log line twice.
 torch._logging._internal.register_log("inductor_moe", "inductor_moe")
 
-__all__ = ["config", "explain", "install"]
+__all__ = ["config", "explain", "export", "for_executorch", "install"]
