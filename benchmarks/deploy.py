@@ -1,6 +1,6 @@
-"""Deployment on this CPU: one MoE block eager, as an AOTInductor package (one for every token
-count), and as ExecuTorch programs (XNNPACK; float, int8 and int4 expert weights; one per token
-count): sizes, and latency against eager. Needs the executorch extra (see the README).
+"""Deployment on this CPU: one MoE block eager, as an AOTInductor package and as ExecuTorch programs
+(XNNPACK; float, int8 and int4 expert weights), each one program for every token count: sizes, and
+latency against eager. Needs the executorch extra (see the README).
 
     python benchmarks/deploy.py --json benchmarks/results/cpu_deploy.json
 """
@@ -12,7 +12,8 @@ import tempfile
 
 import torch
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.exir import to_edge_transform_and_lower
+from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 from executorch.runtime import Runtime
 from torch.export import Dim
 
@@ -20,9 +21,13 @@ import inductor_moe
 from inductor_moe import benchmark, models
 
 
+def _exported(model, x, max_tokens: int):
+    return inductor_moe.export(model, (x,), dynamic_shapes=({0: Dim("tokens", max=max_tokens)},))
+
+
 def _aoti(model, x, directory: pathlib.Path, name: str):
     """(package path, loaded package) of ``model`` with a dynamic token count."""
-    program = inductor_moe.export(model, (x,), dynamic_shapes=({0: Dim("tokens", min=1, max=4096)},))
+    program = _exported(model, x, 4096)
     path = torch._inductor.aoti_compile_and_package(program, package_path=str(directory / f"{name}.pt2"))
     return path, torch._inductor.aoti_load_package(path)
 
@@ -32,7 +37,7 @@ def _executorch(program, expert_weights):
     only as long as its program)."""
     lowered = to_edge_transform_and_lower(inductor_moe.for_executorch(program, expert_weights),
                                           partitioner=[XnnpackPartitioner()])
-    buffer = lowered.to_executorch().buffer
+    buffer = lowered.to_executorch(ExecutorchBackendConfig(sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass())).buffer
     loaded = Runtime.get().load_program(buffer)
     return len(buffer), loaded, loaded.load_method("forward")
 
@@ -53,23 +58,25 @@ def main() -> None:
     bf16 = models.build("dense_loop", cfg).eval().bfloat16()
     bf16.load_state_dict(model.state_dict())
     sizes = {"parameters float32": sum(p.numel() * 4 for p in model.parameters())}
-    rows, keep = [], []
+    rows, keep = [], []  # keep: the loaded ExecuTorch programs, whose methods live only as long
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         example = torch.randn(9, cfg.hidden)
         packages = {}
         for name, m in (("aoti float32", model), ("aoti bfloat16", bf16)):
             path, packages[name] = _aoti(m, example.to(next(m.parameters()).dtype), pathlib.Path(tmp), name.split()[1])
             sizes[name] = pathlib.Path(path).stat().st_size
+        program = _exported(model, example, max(args.tokens))
+        for weights in (None, "int8", "int4"):
+            name = f"executorch {weights or 'float32'}"
+            sizes[name], loaded, packages[name] = _executorch(program, weights)
+            keep.append(loaded)
         for tokens in args.tokens:
             x = torch.randn(tokens, cfg.hidden)
-            program = inductor_moe.export(model, (x,))
             steps = {"eager float32": lambda: model(x), "aoti float32": lambda: packages["aoti float32"](x),
                      "eager bfloat16": lambda: bf16(x.bfloat16()), "aoti bfloat16": lambda: packages["aoti bfloat16"](x.bfloat16())}
             for weights in (None, "int8", "int4"):
                 name = f"executorch {weights or 'float32'}"
-                size, loaded, method = _executorch(program, weights)
-                sizes.setdefault(name, size)
-                keep.append(loaded)
+                method = packages[name]
                 steps[name] = (lambda method: lambda: method.execute([x]))(method)
                 error = (method.execute([x])[0] - model(x)).norm() / model(x).norm()
                 rows.append({"tokens": tokens, "program": name, "relative error vs eager": float(error)})

@@ -80,7 +80,9 @@ def for_executorch(program: ExportedProgram, expert_weights: str | None = None) 
     # only the canonical ops: ExecuTorch decomposes the rest its own way (keeping linear for XNNPACK)
     table = {torch.ops.inductor_moe.route.default: _route,
              torch.ops.inductor_moe.experts.default: functools.partial(_experts_by_gathered_weights,
-                                                                        bits=_BITS.get(expert_weights))}
+                                                                        bits=_BITS.get(expert_weights)),
+             torch.ops.aten.split.Tensor: _split_by_slices,
+             torch.ops.aten.split_with_sizes.default: _split_by_slices}
     # what depends on the parameters only (stacking, quantizing) is done here once, not each call
     folded = constant_prop_pass(program.run_decompositions(table))
     for name, value in folded.constants.items():  # values, not views of the parameters that need grad
@@ -89,6 +91,15 @@ def for_executorch(program: ExportedProgram, expert_weights: str | None = None) 
 
 
 _BITS = {"int8": 8, "int4": 4}
+
+
+def _split_by_slices(tensor, sizes, dim=0):
+    """``split`` as slices: ExecuTorch 1.5.1's verifier takes a list result's first tensor for the
+    list and its length for the list's, fixing a symbolic token count to the example's."""
+    if isinstance(sizes, int):  # parts of that size, the last what is left
+        sizes = [min(sizes, tensor.shape[dim] - start) for start in range(0, tensor.shape[dim], sizes)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [tensor.narrow(dim, start, size) for start, size in zip(starts, sizes)]
 
 
 def _route(logits, k, renormalize=True, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0,
@@ -107,8 +118,8 @@ def _experts_by_gathered_weights(x, ids, weights, w1, w2, b1=None, b2=None, acti
         raise ValueError("inductor_moe.for_executorch: FP8 experts are emulated on CPU; export without config.fp8")
     act = Activation(activation, interleaved, alpha, limit)
     num_tokens, k = ids.shape
-    pairs = ids.reshape(-1)
-    rows = x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.shape[1])
+    pairs = ids.flatten()
+    rows = x.unsqueeze(1).expand(-1, k, -1).flatten(0, 1)
     h = _times_gathered(rows, w1, pairs, bits)
     if b1 is not None:
         h = h + b1.index_select(0, pairs)
@@ -116,7 +127,7 @@ def _experts_by_gathered_weights(x, ids, weights, w1, w2, b1=None, b2=None, acti
     if b2 is not None:
         y = y + b2.index_select(0, pairs)
     acc = cpu.accumulation_dtype(x.dtype)
-    out = (y.unflatten(0, (-1, k)).to(acc) * weights.unsqueeze(-1).to(acc)).sum(1).to(x.dtype)
+    out = (y.unflatten(0, (num_tokens, k)).to(acc) * weights.unsqueeze(-1).to(acc)).sum(1).to(x.dtype)
     return out, h, pairs, pairs.new_zeros(w1.shape[0], dtype=torch.int32)
 
 
@@ -149,4 +160,4 @@ def _quantized(weight, bits: int):
     if bits == 4:
         codes = torch.nn.functional.pad(codes, (0, 0, 0, codes.shape[1] % 2)).unflatten(1, (-1, 2))
         codes = ((codes[:, :, 0] & 15) | (codes[:, :, 1] << 4)).to(torch.uint8)
-    return codes, scale
+    return codes.contiguous(), scale.contiguous()  # a transposed weight's layout confuses ExecuTorch's dim order
