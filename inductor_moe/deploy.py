@@ -67,8 +67,8 @@ def _named_as(captured: torch.fx.GraphModule, model: nn.Module) -> torch.fx.Grap
 def for_executorch(program: ExportedProgram, expert_weights: str | None = None) -> ExportedProgram:
     """``program`` (from ``export``, for inference) with its canonical ops decomposed for ExecuTorch
     and what depends on the weights alone precomputed. ``expert_weights``: None (as they are),
-    ``"int8"`` or ``"int4"`` (weight-only: symmetric, a float scale per expert and output channel,
-    int4 two to a byte), dequantized as each pair's weights are gathered. Needs ``executorch``."""
+    ``"int8"`` or ``"int4"`` (weight-only, see ``_quantized``), dequantized as each pair's weights
+    are gathered. Needs ``executorch``."""
     if expert_weights not in (None, *_BITS):
         raise ValueError(f"inductor_moe.for_executorch: expert_weights must be None, 'int8' or 'int4', got {expert_weights!r}")
     for node in program.graph.find_nodes(op="call_function", target=torch.ops.inductor_moe.experts.default):
