@@ -25,7 +25,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from . import config
-from .ops import cpu
+from .ops import bound_arguments, cpu
 from .ops.activations import Activation
 from .patterns.graph_pass import rewrite_moe
 
@@ -102,21 +102,21 @@ def _split_by_slices(tensor, sizes, dim=0):
     return [tensor.narrow(dim, start, size) for start, size in zip(starts, sizes)]
 
 
-def _route(logits, k, renormalize=True, scoring="softmax", bias=None, n_group=1, topk_group=1, scale=1.0,
-           group_fill=0.0, eps=0.0, group_top=2):
-    return cpu.route_forward(logits, k, renormalize, scoring, bias, n_group, topk_group, scale, group_fill, eps,
-                             group_top)
+def _route(*args, **kwargs):
+    a = bound_arguments(torch.ops.inductor_moe.route.default, args, kwargs)
+    return cpu.route_forward(*(a[name] for name in ("logits", "k", "renormalize", "scoring", "bias", "n_group",
+                                                    "topk_group", "scale", "group_fill", "eps", "group_top")))
 
 
-def _experts_by_gathered_weights(x, ids, weights, w1, w2, b1=None, b2=None, activation="swiglu", interleaved=False,
-                                 alpha=1.702, limit=7.0, fp8_recipe=None, fp8_weight_grad=True, store_h=True, *,
-                                 bits=None):
+def _experts_by_gathered_weights(*args, bits=None, **kwargs):
     """The experts op's output, each pair's rows times its expert's gathered weights, stored in
     ``bits`` if given (the other outputs, which ``for_executorch`` checked nothing reads, are
     placeholders of their shapes)."""
-    if fp8_recipe is not None:
+    a = bound_arguments(torch.ops.inductor_moe.experts.default, args, kwargs)
+    if a["fp8_recipe"] is not None:
         raise ValueError("inductor_moe.for_executorch: FP8 experts are emulated on CPU; export without config.fp8")
-    act = Activation(activation, interleaved, alpha, limit)
+    x, ids, weights, w1, w2, b1, b2 = (a[name] for name in ("x", "ids", "weights", "w1", "w2", "b1", "b2"))
+    act = Activation.of(a)
     num_tokens, k = ids.shape
     pairs = ids.flatten()
     rows = x.unsqueeze(1).expand(-1, k, -1).flatten(0, 1)

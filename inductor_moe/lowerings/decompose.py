@@ -27,7 +27,7 @@ from torch.fx import Graph
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.traceback import preserve_node_meta
 
-from ..ops import cpu, grouped_mm, implementation
+from ..ops import bound_arguments, cpu, grouped_mm, implementation
 from ..ops.activations import Activation
 
 _PASS = PatternMatcherPass(pass_name="inductor_moe_decompose")
@@ -56,15 +56,6 @@ def _value(node):
     return node.meta["val"] if isinstance(node, torch.fx.Node) else node
 
 
-def _bound(op, args, kwargs) -> dict:
-    """The op's arguments by name, defaults filled in (graphs omit defaulted ones)."""
-    schema = op._schema
-    values = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
-    values.update(zip((a.name for a in schema.arguments), args))
-    values.update(kwargs)
-    return values
-
-
 def _traceable(tensor) -> bool:
     """Whether the op's implementation for ``tensor`` can be traced: anything but the kernels on CPU."""
     return not (implementation.uses_kernels(tensor) and tensor.device.type == "cpu")
@@ -77,11 +68,7 @@ def _experts_traceable(match: Match, x_index: int) -> bool:
     x, w1, w2 = (_value(node.args[i]) for i in (x_index, x_index + 3, x_index + 4))
     if implementation.uses_kernels(x):
         return _traceable(x)
-    return _bound(node.target, node.args, node.kwargs)["fp8_recipe"] is None and cpu.compilable(x, w1, w2)
-
-
-def _activation(a: dict) -> Activation:
-    return Activation(a["activation"], a["interleaved"], a["alpha"], a["limit"])
+    return bound_arguments(node.target, node.args, node.kwargs)["fp8_recipe"] is None and cpu.compilable(x, w1, w2)
 
 
 @register_graph_pattern(
@@ -89,7 +76,7 @@ def _activation(a: dict) -> Activation:
     extra_check=lambda match: _traceable(_value(match.output_node().args[0])),
 )
 def _route(match: Match, *args, **kwargs):
-    a = _bound(_OPS.route.default, args, kwargs)
+    a = bound_arguments(_OPS.route.default, args, kwargs)
     impl = implementation.of(_value(a["logits"]))
     options = [a[name] for name in ("k", "renormalize", "scoring")]
     rest = [a[name] for name in ("n_group", "topk_group", "scale", "group_fill", "eps", "group_top")]
@@ -102,7 +89,7 @@ def _route(match: Match, *args, **kwargs):
     extra_check=lambda match: _traceable(_value(match.output_node().args[1])),
 )
 def _route_backward(match: Match, *args, **kwargs):
-    a = _bound(_OPS.route_backward.default, args, kwargs)
+    a = bound_arguments(_OPS.route_backward.default, args, kwargs)
     impl = implementation.of(_value(a["logits"]))
     options = [a[name] for name in ("renormalize", "scoring", "scale", "eps")]
     match.replace_by_example(
@@ -115,9 +102,9 @@ def _route_backward(match: Match, *args, **kwargs):
     CallFunctionVarArgs(_OPS.experts.default), pass_dict=_PASS, extra_check=lambda match: _experts_traceable(match, 0)
 )
 def _experts(match: Match, *args, **kwargs):
-    a = _bound(_OPS.experts.default, args, kwargs)
+    a = bound_arguments(_OPS.experts.default, args, kwargs)
     impl = implementation.of(_value(a["x"]))
-    act, recipe, store_h = _activation(a), a["fp8_recipe"], a["store_h"]
+    act, recipe, store_h = Activation.of(a), a["fp8_recipe"], a["store_h"]
     tensors = [a[name] for name in ("x", "ids", "weights", "w1", "w2", "b1", "b2")]
     # under max-autotune the GEMMs without bias or FP8 stay grouped_mm ops: Inductor times them (lowerings/autotune.py)
     with grouped_mm.choosing() if inductor_config.max_autotune else contextlib.nullcontext():
@@ -130,9 +117,9 @@ def _experts(match: Match, *args, **kwargs):
     extra_check=lambda match: _experts_traceable(match, 1),
 )
 def _experts_backward(match: Match, *args, **kwargs):
-    a = _bound(_OPS.experts_backward.default, args, kwargs)
+    a = bound_arguments(_OPS.experts_backward.default, args, kwargs)
     impl = implementation.of(_value(a["x"]))
-    act, recipe, fp8_weight_grad = _activation(a), a["fp8_recipe"], a["fp8_weight_grad"]
+    act, recipe, fp8_weight_grad = Activation.of(a), a["fp8_recipe"], a["fp8_weight_grad"]
     names = ("grad_out", "x", "ids", "weights", "w1", "w2", "b1", "b2", "h", "order", "offsets")
     match.replace_by_example(lambda *t: impl.experts_backward(*t, act, recipe, fp8_weight_grad), [a[name] for name in names],
                              trace_fn=_tracer(impl))

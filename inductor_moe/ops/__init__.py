@@ -4,3 +4,12 @@ Importing this package registers them (schema, fake implementation, autograd, CP
 """
 
 from . import experts, grouped_mm, route  # noqa: F401  (registration)
+
+
+def bound_arguments(op, args, kwargs) -> dict:
+    """A canonical op's arguments by name, defaults filled in (graphs omit defaulted ones)."""
+    schema = op._schema
+    values = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    values.update(zip((a.name for a in schema.arguments), args))
+    values.update(kwargs)
+    return values

@@ -54,6 +54,11 @@ class Activation:
     alpha: float = 1.702
     limit: float = 7.0
 
+    @classmethod
+    def of(cls, arguments: dict) -> "Activation":
+        """The activation an ``experts`` call's bound arguments describe."""
+        return cls(arguments["activation"], arguments["interleaved"], arguments["alpha"], arguments["limit"])
+
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
             raise ValueError(f"inductor_moe: unknown activation {self.name!r}; supported: {sorted(ACTIVATIONS)}")

@@ -154,14 +154,9 @@ def _expert_offsets(groups, num_experts: int) -> tuple[Node | None, set]:
     if isinstance(groups, tuple):
         counted, nodes = _split_counts(groups, num_experts)
     else:
-        node = groups
-        if is_call(node, "to"):
-            nodes.add(node)
-            node = call(node)["input"]
-        c = expect(node, "cumsum", what="grouped_mm offsets")
-        require(c["dim"] in (0, -1), f"offsets {groups} are a cumsum over dim {c['dim']}")
-        nodes.add(node)
-        counted = c["input"]
+        found = _cumsum_of(groups)
+        require(found is not None, f"grouped_mm offsets {groups} are no cumsum of counts")
+        counted, nodes = found
     if is_call(counted, "to"):
         nodes.add(counted)
         counted = call(counted)["input"]
@@ -175,6 +170,18 @@ def _expert_offsets(groups, num_experts: int) -> tuple[Node | None, set]:
         nodes.add(ids)
         ids = call(ids)["input"]
     return ids, nodes
+
+
+def _cumsum_of(offsets: Node) -> tuple[Node, set] | None:
+    """(counts, nodes) for grouped_mm offsets ``counts.cumsum(0)``, cast to int32 or not; None otherwise."""
+    node, nodes = offsets, set()
+    if is_call(node, "to"):
+        nodes.add(node)
+        node = call(node)["input"]
+    c = call(node)
+    if c is None or c.name != "cumsum" or c["dim"] not in (0, -1):
+        return None
+    return c["input"], nodes | {node}
 
 
 def _split_counts(sizes: tuple, num_experts: int) -> tuple[Node, set]:
@@ -422,14 +429,10 @@ def sorted_grouped_mm(anchor: Node) -> Block | None:
 def _column_counts(groups) -> tuple[Node, set] | None:
     """(m, nodes) for grouped_mm offsets ``cumsum(m.sum(0))`` (cast to int32) of a 2-D count matrix
     ``m``: rows received by source rank and local expert, grouped by expert; None otherwise."""
-    node, nodes = groups, set()
-    if is_call(node, "to"):
-        nodes.add(node)
-        node = call(node)["input"]
-    c = call(node)
-    if c is None or c.name != "cumsum" or c["dim"] not in (0, -1) or not is_call(c["input"], "sum"):
+    found = _cumsum_of(groups)
+    if found is None or not is_call(found[0], "sum"):
         return None
-    counts = call(c["input"])
+    counts, nodes = call(found[0]), found[1]
     if counts["dim"] not in (0, (0,), [0]) or counts["keepdim"] or len(shape(counts["input"])) != 2:
         return None
     num_experts = shape(counts["input"])[1]
@@ -438,7 +441,7 @@ def _column_counts(groups) -> tuple[Node, set] | None:
             return None  # one_hot(ids).sum(0), a routing map's sum: counts of ids, sorted_grouped_mm's
     except NoMatch:
         return None
-    return counts["input"], nodes | {node, counts.node}
+    return counts["input"], nodes | {counts.node}
 
 
 def _signed_terms(node: Node, sign: int = 1) -> tuple[list, set]:
