@@ -199,7 +199,8 @@ def _worker(rank: int, world: int, port: int, styles: tuple) -> None:
 class ReceivedExperts(nn.Module):
     """One rank's experts as torchtitan's all-to-all dispatcher runs them: rows that came by source
     rank, then local expert (``counts[r, e]`` of each), regrouped expert-major, a SwiGLU grouped MLP,
-    put back in the order they came. ``variant`` spells near misses that must be left alone."""
+    put back in the order they came. ``variant`` spells it otherwise, or a near miss that must be
+    left alone."""
 
     def __init__(self, per_rank: int, variant: str = "torchtitan"):
         super().__init__()
@@ -215,12 +216,19 @@ class ReceivedExperts(nn.Module):
         if self.variant == "rank_major":  # segments placed where they are: the rows stay grouped by rank
             lens, starts = flat, starts.view(per_rank, ranks).t().reshape(-1)
         segment = torch.arange(lens.shape[0]).repeat_interleave(lens, output_size=rows.shape[0])
-        order = starts[segment] + torch.arange(rows.shape[0]) - (lens.cumsum(0) - lens)[segment]
-        grouped = rows[order]
+        if self.variant == "other_spellings":  # the terms in another order, index_select for indexing
+            out_starts = torch.index_select(lens.cumsum(0) - lens, 0, segment)
+            order = torch.arange(rows.shape[0]) - out_starts + starts.index_select(0, segment)
+            grouped = rows.index_select(0, order)
+        else:
+            order = starts[segment] + torch.arange(rows.shape[0]) - (lens.cumsum(0) - lens)[segment]
+            grouped = rows[order]
         offsets = torch.cumsum(counts.sum(0), dim=0, dtype=torch.int32)
         h = F.silu(torch._grouped_mm(grouped, self.w1.transpose(1, 2), offs=offsets))
         h = h * torch._grouped_mm(grouped, self.w3.transpose(1, 2), offs=offsets)
         out = torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offsets)
+        if self.variant == "other_spellings":  # put back by the inverse order
+            return out[order.argsort()]
         back = out.new_empty(rows.shape)
         back[order.flip(0) if self.variant == "put_back_reversed" else order] = out
         return back
@@ -234,9 +242,10 @@ def _received(ranks: int, per_rank: int, seed: int):
     return rows, counts
 
 
-def test_received_rows_become_the_experts_op():
+@pytest.mark.parametrize("variant", ["torchtitan", "other_spellings"])
+def test_received_rows_become_the_experts_op(variant):
     """The local part alone, on one process: rewritten, and as eager, output and gradients."""
-    model = ReceivedExperts(per_rank=3).bfloat16()
+    model = ReceivedExperts(per_rank=3, variant=variant).bfloat16()
     compiled = torch.compile(model, dynamic=True)
     for seed in range(2):  # the counts, and so the regrouping, differ per step
         rows, counts = _received(ranks=2, per_rank=3, seed=seed)
